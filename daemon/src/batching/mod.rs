@@ -1,0 +1,341 @@
+//! Batching: one task per destination applies Firehose's buffering hints (flush when the pending
+//! bytes reach the size hint or the oldest pending record reaches the interval, whichever comes
+//! first) over the committed records of its streams, and hands each batch to its sink.
+//!
+//! A batch is never held in memory: its boundaries are chosen over the durable log, its body is
+//! streamed from SQLite into a staged file ([`object`]), and its key is derived from its identity
+//! ([`keys`]). Before the object can become visible the batch's last id and key are committed as
+//! an intent, so a batch interrupted by a crash is rebuilt and put again under the same key.
+
+pub mod keys;
+pub mod object;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::buffer::{store, BufferError, Committed, Control, DestinationState};
+use crate::config::DestinationConfig;
+use crate::metrics as m;
+use crate::shutdown::Shutdown;
+use crate::sinks::Sink;
+use keys::BatchId;
+use object::{Selection, Staged};
+
+/// Delivery retries back off from this...
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// ...to at most this, and go on for as long as the data is held.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error(transparent)]
+    Assemble(#[from] object::AssembleError),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("reading the buffer: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error(transparent)]
+    Sink(#[from] crate::sinks::SinkError),
+}
+
+/// Everything a destination task needs.
+pub struct Destination {
+    pub index: usize,
+    pub config: DestinationConfig,
+    /// The config indexes and file ids of the streams it reads.
+    pub streams: Vec<usize>,
+    pub stream_ids: Vec<i64>,
+    pub state: DestinationState,
+    pub sink: Sink,
+    pub buffer_path: PathBuf,
+    pub control: mpsc::Sender<Control>,
+    pub committed: watch::Receiver<Committed>,
+    pub shutdown: Shutdown,
+}
+
+/// How much is pending, derived from the writer's cumulative counters minus what this
+/// destination has taken (or found gone) so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct Taken {
+    records: u64,
+    bytes: u64,
+}
+
+/// What the writer has committed so far for `streams`, delimiters included.
+fn cumulative(streams: &[usize], newline: bool, c: &Committed) -> Taken {
+    let newline = u64::from(newline);
+    let mut t = Taken::default();
+    for &s in streams {
+        let records = c.records.get(s).copied().unwrap_or(0);
+        t.records += records;
+        t.bytes += c.payload_bytes.get(s).copied().unwrap_or(0) + newline * records;
+    }
+    t
+}
+
+impl Destination {
+    pub async fn run(mut self) {
+        info!(
+            destination = %self.config.name,
+            sink = %self.sink.describe(),
+            version = self.state.version,
+            delivered_id = self.state.delivered_id,
+            "destination started"
+        );
+        let reader = match store::open_reader(&self.buffer_path) {
+            Ok(c) => Arc::new(Mutex::new(c)),
+            Err(e) => {
+                warn!(destination = %self.config.name, error = %e, "cannot open the buffer for reading; destination stopped");
+                return;
+            }
+        };
+        // Finish a batch a crash interrupted, under the key it was given.
+        if let Some((last_id, key)) = self.state.intent.take() {
+            info!(destination = %self.config.name, last_id, key = %key, "replaying the batch that was in flight");
+            self.flush(&reader, Some((last_id, key))).await;
+        }
+        // What is pending now, as a baseline against the writer's counters.
+        let pending = {
+            let (streams, after) = (self.stream_ids.clone(), self.state.delivered_id);
+            let newline = u64::from(self.config.batching.newline);
+            blocking(&reader, move |c| store::pending(c, &streams, after))
+                .await
+                .map(|(n, bytes, _)| Taken {
+                    records: n,
+                    bytes: bytes + newline * n,
+                })
+                .unwrap_or_default()
+        };
+        let newline = self.config.batching.newline;
+        let now = cumulative(&self.streams, newline, &self.committed.borrow());
+        let mut taken = Taken {
+            records: now.records.saturating_sub(pending.records),
+            bytes: now.bytes.saturating_sub(pending.bytes),
+        };
+        let mut oldest: Option<i64> = None;
+
+        loop {
+            let (cum, ingest_closed) = {
+                let c = self.committed.borrow_and_update();
+                (cumulative(&self.streams, newline, &c), c.ingest_closed)
+            };
+            let pending_records = cum.records.saturating_sub(taken.records);
+            let pending_bytes = cum.bytes.saturating_sub(taken.bytes);
+            let stopping = self.shutdown.is_begun() && ingest_closed;
+            if pending_records == 0 {
+                if stopping {
+                    break;
+                }
+                oldest = None;
+                self.wait(None).await;
+                continue;
+            }
+            if oldest.is_none() {
+                let (streams, after) = (self.stream_ids.clone(), self.state.delivered_id);
+                oldest = blocking(&reader, move |c| store::oldest_arrival(c, &streams, after))
+                    .await
+                    .ok()
+                    .flatten();
+                if oldest.is_none() {
+                    // Counted but gone (deleted by drop_oldest): nothing to deliver.
+                    taken = cum;
+                    continue;
+                }
+            }
+            let due = oldest.unwrap_or(0) + self.config.batching.interval.as_millis() as i64;
+            if stopping || pending_bytes >= self.config.batching.size || now_ms() >= due {
+                let (records, bytes) = self.flush(&reader, None).await.unwrap_or((0, 0));
+                if records == 0 {
+                    // Nothing was there: resynchronise with the counters.
+                    taken = cum;
+                } else {
+                    taken.records += records;
+                    taken.bytes += bytes;
+                }
+                oldest = None;
+                continue;
+            }
+            self.wait(Some(due)).await;
+        }
+        info!(destination = %self.config.name, delivered_id = self.state.delivered_id, "destination stopped");
+    }
+
+    /// Waits for a commit, for the flush deadline, or for shutdown to begin.
+    async fn wait(&mut self, due_ms: Option<i64>) {
+        let sleep = async {
+            match due_ms {
+                Some(due) => {
+                    let ms = (due - now_ms()).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(ms)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let shutting_down = self.shutdown.is_begun();
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            r = self.committed.changed() => {
+                if r.is_err() {
+                    // The writer is gone; nothing more will arrive.
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ = sleep => {}
+            _ = shutdown.wait(), if !shutting_down => {}
+        }
+    }
+
+    /// Builds, puts and records one batch, retrying until it is delivered. `replay` rebuilds
+    /// the batch an intent names. Returns (records, bytes) taken from the pending count.
+    async fn flush(
+        &mut self,
+        reader: &Arc<Mutex<Connection>>,
+        replay: Option<(i64, String)>,
+    ) -> Option<(u64, u64)> {
+        let mut delay = RETRY_MIN;
+        loop {
+            match self.try_flush(reader, replay.clone()).await {
+                Ok(taken) => return Some(taken),
+                Err(e) => {
+                    metrics::counter!(m::DELIVERY_ERRORS, "destination" => self.config.name.clone())
+                        .increment(1);
+                    let jitter = rand::rng().random_range(0.8..1.2);
+                    let wait = delay.mul_f64(jitter);
+                    warn!(
+                        destination = %self.config.name,
+                        error = %e,
+                        retry_in = ?wait,
+                        "delivery failed; the batch stays buffered and will be retried"
+                    );
+                    tokio::time::sleep(wait).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    async fn try_flush(
+        &mut self,
+        reader: &Arc<Mutex<Connection>>,
+        replay: Option<(i64, String)>,
+    ) -> Result<(u64, u64), FlushError> {
+        let path = self.sink.staging_path(&self.config.name);
+        let streams = self.stream_ids.clone();
+        let after = self.state.delivered_id;
+        let (until, max_bytes) = match &replay {
+            Some((last, _)) => (Some(*last), None),
+            None => (None, Some(self.config.batching.size)),
+        };
+        let batching = self.config.batching.clone();
+        let staged: Option<Staged> = blocking(reader, move |c| {
+            object::assemble(
+                c,
+                Selection {
+                    streams: &streams,
+                    after,
+                    until,
+                    max_bytes,
+                },
+                &batching,
+                &path,
+            )
+        })
+        .await?;
+        let Some(staged) = staged else {
+            if let Some((last, _)) = replay {
+                // Everything the intent named is gone (dropped); move past it.
+                self.delivered(last).await?;
+            }
+            return Ok((0, 0));
+        };
+        let (last_id, key) = match replay {
+            Some(r) => r,
+            None => {
+                let key = self.config.keys.object_key(BatchId {
+                    destination: &self.config.name,
+                    version: self.state.version,
+                    first_id: staged.first_id,
+                    last_id: staged.last_id,
+                    oldest_arrival_ms: staged.oldest_arrival_ms,
+                })?;
+                self.request(|done| Control::Intent {
+                    dest: self.index,
+                    last_id: staged.last_id,
+                    key: key.clone(),
+                    done,
+                })
+                .await?;
+                (staged.last_id, key)
+            }
+        };
+        self.sink.put(&staged.path, &key).await?;
+        self.delivered(last_id).await?;
+        let name = self.config.name.clone();
+        metrics::counter!(m::DELIVERED_RECORDS, "destination" => name.clone())
+            .increment(staged.records);
+        metrics::counter!(m::DELIVERED_BATCHES, "destination" => name.clone()).increment(1);
+        metrics::counter!(m::DELIVERED_BYTES, "destination" => name).increment(staged.bytes);
+        debug!(destination = %self.config.name, key = %key, records = staged.records, bytes = staged.bytes, "batch delivered");
+        Ok((staged.records, staged.bytes))
+    }
+
+    async fn delivered(&mut self, last_id: i64) -> Result<(), BufferError> {
+        self.request(|done| Control::Delivered {
+            dest: self.index,
+            last_id,
+            done,
+        })
+        .await?;
+        self.state.delivered_id = last_id;
+        Ok(())
+    }
+
+    async fn request(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), BufferError>>) -> Control,
+    ) -> Result<(), BufferError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(make(tx))
+            .await
+            .map_err(|_| BufferError::WriterGone)?;
+        rx.await.map_err(|_| BufferError::WriterGone)?
+    }
+}
+
+/// Runs a blocking SQLite read on the blocking pool.
+async fn blocking<T: Send + 'static, E>(
+    reader: &Arc<Mutex<Connection>>,
+    f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+) -> Result<T, FlushError>
+where
+    FlushError: From<E>,
+    E: Send + 'static,
+{
+    let reader = Arc::clone(reader);
+    tokio::task::spawn_blocking(move || {
+        let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(FlushError::from)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(FlushError::Assemble(object::AssembleError::Io(
+            std::io::Error::other(e),
+        )))
+    })
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,99 @@
+//! The buffer: a SQLite file in WAL mode, the gateway's one durability point. Ingress sends
+//! envelopes to the [`writer::Writer`], which group-commits them and only then completes their
+//! acks; destinations read committed records through their own connections and report what
+//! they delivered, and a record is deleted once every destination of its stream has it.
+
+pub mod store;
+pub mod writer;
+
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use crate::config::Config;
+use crate::message::Envelope;
+pub use store::DestinationState;
+pub use writer::{Committed, Control, DestinationSlot, Writer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the buffer writer has stopped")]
+    WriterGone,
+}
+
+/// Everything the rest of the daemon needs to talk to the buffer.
+pub struct Buffer {
+    pub path: PathBuf,
+    /// Config stream index -> stream id in the file.
+    pub stream_ids: Vec<i64>,
+    /// Per destination (config order): its durable state at start.
+    pub destinations: Vec<DestinationState>,
+    pub ingest: mpsc::Sender<Envelope>,
+    pub control: mpsc::Sender<Control>,
+    pub committed: watch::Receiver<Committed>,
+    pub writer: std::thread::JoinHandle<()>,
+}
+
+/// Opens the buffer file and starts its writer.
+pub fn open(config: &Config) -> Result<Buffer, BufferError> {
+    let path = config.buffer.path.clone();
+    let conn = store::open_writer(&path, config.buffer.synchronous)?;
+    let names: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
+    let stream_ids = store::stream_ids(&conn, &names)?;
+    for (name, count) in store::orphaned(&conn, &stream_ids)? {
+        warn!(
+            stream = %name,
+            records = count,
+            "buffer holds records of a stream that is no longer configured; they will not be delivered"
+        );
+    }
+    let mut states = Vec::new();
+    let mut slots = Vec::new();
+    for d in &config.destinations {
+        let state = store::destination_state(&conn, &d.name, &d.fingerprint())?;
+        slots.push(DestinationSlot {
+            name: d.name.clone(),
+            delivered_id: state.delivered_id,
+        });
+        states.push(state);
+    }
+    let readers: Vec<Vec<usize>> = config
+        .streams
+        .iter()
+        .map(|s| {
+            config
+                .destinations
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| s.destinations.contains(&d.name))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .collect();
+    let (committed_tx, committed) = watch::channel(Committed::default());
+    let writer = Writer::new(
+        conn,
+        config.buffer.clone(),
+        stream_ids.clone(),
+        readers,
+        slots,
+        committed_tx,
+    )?;
+    let (ingest, ingest_rx) = mpsc::channel(writer::INGEST_CHANNEL_CAPACITY);
+    let (control, control_rx) = mpsc::channel(writer::CONTROL_CHANNEL_CAPACITY);
+    let writer = writer
+        .spawn(ingest_rx, control_rx)
+        .map_err(|e| BufferError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+    Ok(Buffer {
+        path,
+        stream_ids,
+        destinations: states,
+        ingest,
+        control,
+        committed,
+        writer,
+    })
+}

@@ -1,0 +1,927 @@
+//! Configuration: the TOML file as written (`Raw*`, serde, unknown keys rejected) and the typed,
+//! validated [`Config`] the rest of the daemon uses. Every error names the key and the problem.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::batching::keys::{KeyPattern, PrefixTemplate};
+use crate::routing::{PartitionKeyTemplate, TopicFilter};
+
+/// IoT Core's payload limit (AWS-SEMANTICS 18).
+pub const DEFAULT_MAX_PAYLOAD: u64 = 128 * 1024;
+/// IoT Core's topic limits (AWS-SEMANTICS 18).
+pub const DEFAULT_MAX_TOPIC_LENGTH: usize = 256;
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 8;
+/// Firehose's buffering-hint bounds and defaults (AWS-SEMANTICS 1).
+pub const MIN_BUFFER_SIZE: u64 = 1024 * 1024;
+pub const MAX_BUFFER_SIZE: u64 = 128 * 1024 * 1024;
+pub const DEFAULT_BUFFER_SIZE: u64 = 5 * 1024 * 1024;
+pub const MAX_BUFFER_INTERVAL: Duration = Duration::from_secs(900);
+pub const DEFAULT_BUFFER_INTERVAL: Duration = Duration::from_secs(300);
+
+/// A configuration problem, always tied to the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}`: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Loads and validates a config file. Relative paths in it are taken relative to the current
+/// directory, so the checked-in default runs from a checkout.
+pub fn load(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+    Ok(parse(&text)?)
+}
+
+/// Parses and validates config text.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let de =
+        toml::Deserializer::parse(text).map_err(|e| ConfigError::new("(file)", e.message()))?;
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::new(
+            if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            inner.message(),
+        )
+    })?;
+    raw.validate()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    ingress: RawIngress,
+    #[serde(default)]
+    buffer: RawBuffer,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    shutdown: RawShutdown,
+    streams: BTreeMap<String, RawStream>,
+    destinations: BTreeMap<String, RawDestination>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngress {
+    mode: Option<String>,
+    max_payload: Option<ByteSize>,
+    max_topic_length: Option<usize>,
+    max_topic_levels: Option<usize>,
+    #[serde(default)]
+    broker: RawBroker,
+    client: Option<RawClient>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    listen: Option<String>,
+    listen_v5: Option<String>,
+    max_connections: Option<usize>,
+    log_segment_size: Option<ByteSize>,
+    log_segment_count: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    host: String,
+    port: Option<u16>,
+    client_id: Option<String>,
+    topics: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    keep_alive: Option<Duration>,
+    max_inflight: Option<u16>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuffer {
+    path: Option<PathBuf>,
+    max_size: Option<ByteSize>,
+    when_full: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    commit_interval: Option<Duration>,
+    commit_max_records: Option<usize>,
+    synchronous: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    topics: Vec<String>,
+    destinations: Vec<String>,
+    partition_key: Option<String>,
+    payload_format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    #[serde(rename = "type")]
+    kind: String,
+    root: Option<PathBuf>,
+    bucket: Option<String>,
+    delivery_stream: Option<String>,
+    prefix: Option<String>,
+    buffer_size: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    buffer_interval: Option<Duration>,
+    compression: Option<String>,
+    record_delimiter: Option<String>,
+    file_extension: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The typed config.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub ingress: IngressConfig,
+    pub buffer: BufferConfig,
+    pub admin: AdminConfig,
+    pub shutdown_timeout: Duration,
+    pub streams: Vec<StreamConfig>,
+    pub destinations: Vec<DestinationConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    pub mode: IngressMode,
+    pub limits: Limits,
+}
+
+/// What ingress accepts; anything else is rejected and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_payload: usize,
+    pub max_topic_length: usize,
+    pub max_topic_levels: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum IngressMode {
+    /// The embedded rumqttd broker, read through a local link.
+    Broker(BrokerConfig),
+    /// A client of an external broker, acking QoS 1 after the commit.
+    Client(ClientConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    pub listen_v5: Option<SocketAddr>,
+    pub max_connections: usize,
+    pub log_segment_size: usize,
+    pub log_segment_count: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub topics: Vec<TopicFilter>,
+    pub keep_alive: Duration,
+    pub max_inflight: u16,
+    pub credentials: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    Block,
+    DropOldest,
+    RejectNew,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// fsync the WAL at every commit: a committed record survives power loss.
+    Full,
+    /// fsync only at checkpoints: survives a process crash, may lose the last commits on power loss.
+    Normal,
+}
+
+#[derive(Debug, Clone)]
+pub struct BufferConfig {
+    pub path: PathBuf,
+    pub max_size: u64,
+    pub when_full: WhenFull,
+    pub commit_interval: Duration,
+    pub commit_max_records: usize,
+    pub synchronous: Synchronous,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// Payload must parse as JSON; anything else is rejected as malformed.
+    Json,
+    /// Any bytes.
+    Binary,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub name: String,
+    pub topics: Vec<TopicFilter>,
+    pub destinations: Vec<String>,
+    pub partition_key: PartitionKeyTemplate,
+    pub payload_format: PayloadFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+impl Compression {
+    /// The extension Firehose gives objects with this compression (AWS-SEMANTICS 7).
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::None => "",
+            Compression::Gzip => ".gz",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    pub name: String,
+    pub sink: SinkConfig,
+    pub batching: BatchingConfig,
+    pub keys: KeyPattern,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkConfig {
+    /// A local directory laid out like an S3 bucket: `<root>/<bucket>/<key>`.
+    File { root: PathBuf, bucket: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchingConfig {
+    /// Flush once this many bytes (before compression) are pending.
+    pub size: u64,
+    /// Flush once the oldest pending record is this old.
+    pub interval: Duration,
+    pub compression: Compression,
+    /// Append `\n` after every record (Firehose's AppendDelimiterToRecord).
+    pub newline: bool,
+}
+
+impl DestinationConfig {
+    /// A fingerprint of everything that shapes this destination's output; a change bumps the
+    /// Firehose version number in object names (AWS-SEMANTICS 2).
+    pub fn fingerprint(&self) -> String {
+        format!("{:?}|{:?}|{:?}", self.sink, self.batching, self.keys)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|e| ConfigError::new(key, format!("{value:?} is not an address:port ({e})")))
+}
+
+fn one_of<T: Copy>(
+    key: &str,
+    value: Option<&str>,
+    default: T,
+    choices: &[(&str, T)],
+) -> Result<T, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<_> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            ConfigError::new(key, format!("{value:?} is not one of {}", names.join(", ")))
+        })
+}
+
+fn valid_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("{name:?} must be 1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'"),
+        ))
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let ingress = self.ingress.validate()?;
+        let buffer = self.buffer.validate()?;
+        let admin = AdminConfig {
+            listen: match self.admin.listen.as_deref() {
+                None => Some(parse_addr("admin.listen", "127.0.0.1:9464")?),
+                Some("") | Some("off") => None,
+                Some(v) => Some(parse_addr("admin.listen", v)?),
+            },
+        };
+        let shutdown_timeout = self.shutdown.timeout.unwrap_or(Duration::from_secs(30));
+
+        if self.destinations.is_empty() {
+            return Err(ConfigError::new(
+                "destinations",
+                "at least one destination is required",
+            ));
+        }
+        let mut destinations = Vec::new();
+        for (name, raw) in self.destinations {
+            destinations.push(raw.validate(&name)?);
+        }
+
+        if self.streams.is_empty() {
+            return Err(ConfigError::new(
+                "streams",
+                "at least one stream is required",
+            ));
+        }
+        let mut streams = Vec::new();
+        for (name, raw) in self.streams {
+            let key = format!("streams.{name}");
+            valid_name(&key, &name)?;
+            if raw.topics.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{key}.topics"),
+                    "at least one topic filter is required",
+                ));
+            }
+            let topics = raw
+                .topics
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    TopicFilter::parse(t)
+                        .map_err(|p| ConfigError::new(format!("{key}.topics[{i}]"), p))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if raw.destinations.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{key}.destinations"),
+                    "at least one destination is required",
+                ));
+            }
+            for (i, d) in raw.destinations.iter().enumerate() {
+                if !destinations.iter().any(|dest| &dest.name == d) {
+                    return Err(ConfigError::new(
+                        format!("{key}.destinations[{i}]"),
+                        format!("no destination named {d:?} (define [destinations.{d}])"),
+                    ));
+                }
+            }
+            let partition_key =
+                PartitionKeyTemplate::parse(raw.partition_key.as_deref().unwrap_or("${topic()}"))
+                    .map_err(|p| ConfigError::new(format!("{key}.partition_key"), p))?;
+            if partition_key.uses_client_id() {
+                return Err(ConfigError::new(
+                    format!("{key}.partition_key"),
+                    "${clientid()} needs the publisher's client id, which neither ingress mode \
+                     knows (rumqttd's local link and MQTT subscriptions do not carry it); use a \
+                     topic level such as ${topic(2)}",
+                ));
+            }
+            let payload_format = one_of(
+                &format!("{key}.payload_format"),
+                raw.payload_format.as_deref(),
+                PayloadFormat::Json,
+                &[
+                    ("json", PayloadFormat::Json),
+                    ("binary", PayloadFormat::Binary),
+                ],
+            )?;
+            streams.push(StreamConfig {
+                name,
+                topics,
+                destinations: raw.destinations,
+                partition_key,
+                payload_format,
+            });
+        }
+        for dest in &destinations {
+            if !streams.iter().any(|s| s.destinations.contains(&dest.name)) {
+                return Err(ConfigError::new(
+                    format!("destinations.{}", dest.name),
+                    "no stream feeds this destination",
+                ));
+            }
+        }
+        if let IngressMode::Client(client) = &ingress.mode {
+            if client.topics.is_empty() {
+                return Err(ConfigError::new(
+                    "ingress.client.topics",
+                    "at least one topic filter is required",
+                ));
+            }
+        }
+
+        Ok(Config {
+            ingress,
+            buffer,
+            admin,
+            shutdown_timeout,
+            streams,
+            destinations,
+        })
+    }
+}
+
+impl RawIngress {
+    fn validate(self) -> Result<IngressConfig, ConfigError> {
+        let max_payload = self
+            .max_payload
+            .map(|b| b.as_u64())
+            .unwrap_or(DEFAULT_MAX_PAYLOAD);
+        if max_payload == 0 || max_payload > 256 * 1024 * 1024 {
+            return Err(ConfigError::new(
+                "ingress.max_payload",
+                "must be between 1 byte and 256MiB (MQTT's packet limit)",
+            ));
+        }
+        let limits = Limits {
+            max_payload: max_payload as usize,
+            max_topic_length: self.max_topic_length.unwrap_or(DEFAULT_MAX_TOPIC_LENGTH),
+            max_topic_levels: self.max_topic_levels.unwrap_or(DEFAULT_MAX_TOPIC_LEVELS),
+        };
+        if limits.max_topic_length == 0 || limits.max_topic_length > 65535 {
+            return Err(ConfigError::new(
+                "ingress.max_topic_length",
+                "must be between 1 and 65535",
+            ));
+        }
+        if limits.max_topic_levels == 0 {
+            return Err(ConfigError::new(
+                "ingress.max_topic_levels",
+                "must be at least 1",
+            ));
+        }
+        let mode = match self.mode.as_deref().unwrap_or("broker") {
+            "broker" => IngressMode::Broker(self.broker.validate()?),
+            "client" => {
+                let Some(c) = self.client else {
+                    return Err(ConfigError::new(
+                        "ingress.client",
+                        "ingress.mode = \"client\" needs an [ingress.client] table with host and topics",
+                    ));
+                };
+                IngressMode::Client(c.validate()?)
+            }
+            other => {
+                return Err(ConfigError::new(
+                    "ingress.mode",
+                    format!("{other:?} is not one of \"broker\", \"client\""),
+                ))
+            }
+        };
+        Ok(IngressConfig { mode, limits })
+    }
+}
+
+impl RawBroker {
+    fn validate(self) -> Result<BrokerConfig, ConfigError> {
+        let listen = parse_addr(
+            "ingress.broker.listen",
+            self.listen.as_deref().unwrap_or("127.0.0.1:1883"),
+        )?;
+        let listen_v5 = self
+            .listen_v5
+            .as_deref()
+            .map(|v| parse_addr("ingress.broker.listen_v5", v))
+            .transpose()?;
+        let log_segment_size = self
+            .log_segment_size
+            .map(|b| b.as_u64())
+            .unwrap_or(16 * 1024 * 1024);
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&log_segment_size) {
+            return Err(ConfigError::new(
+                "ingress.broker.log_segment_size",
+                "must be between 64KiB and 1GiB",
+            ));
+        }
+        let log_segment_count = self.log_segment_count.unwrap_or(4);
+        if log_segment_count < 2 {
+            return Err(ConfigError::new(
+                "ingress.broker.log_segment_count",
+                "must be at least 2",
+            ));
+        }
+        let max_connections = self.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(ConfigError::new(
+                "ingress.broker.max_connections",
+                "must be at least 1",
+            ));
+        }
+        Ok(BrokerConfig {
+            listen,
+            listen_v5,
+            max_connections,
+            log_segment_size: log_segment_size as usize,
+            log_segment_count,
+        })
+    }
+}
+
+impl RawClient {
+    fn validate(self) -> Result<ClientConfig, ConfigError> {
+        if self.host.is_empty() {
+            return Err(ConfigError::new("ingress.client.host", "must not be empty"));
+        }
+        let topics = self
+            .topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                TopicFilter::parse(t)
+                    .map_err(|p| ConfigError::new(format!("ingress.client.topics[{i}]"), p))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let client_id = self.client_id.unwrap_or_else(|| "edgehose".into());
+        if client_id.is_empty() || client_id.len() > 128 {
+            return Err(ConfigError::new(
+                "ingress.client.client_id",
+                "must be 1-128 characters (a persistent session needs a stable id)",
+            ));
+        }
+        let credentials = match (self.username, self.password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "ingress.client.password",
+                    "is required when username is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "ingress.client.username",
+                    "is required when password is set",
+                ))
+            }
+        };
+        let max_inflight = self.max_inflight.unwrap_or(100);
+        if max_inflight == 0 {
+            return Err(ConfigError::new(
+                "ingress.client.max_inflight",
+                "must be at least 1",
+            ));
+        }
+        let keep_alive = self.keep_alive.unwrap_or(Duration::from_secs(30));
+        if keep_alive < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "ingress.client.keep_alive",
+                "must be at least 1s",
+            ));
+        }
+        Ok(ClientConfig {
+            host: self.host,
+            port: self.port.unwrap_or(1883),
+            client_id,
+            topics,
+            keep_alive,
+            max_inflight,
+            credentials,
+        })
+    }
+}
+
+impl RawBuffer {
+    fn validate(self) -> Result<BufferConfig, ConfigError> {
+        let max_size = self
+            .max_size
+            .map(|b| b.as_u64())
+            .unwrap_or(1024 * 1024 * 1024);
+        if max_size < 1024 * 1024 {
+            return Err(ConfigError::new("buffer.max_size", "must be at least 1MiB"));
+        }
+        let when_full = one_of(
+            "buffer.when_full",
+            self.when_full.as_deref(),
+            WhenFull::Block,
+            &[
+                ("block", WhenFull::Block),
+                ("drop_oldest", WhenFull::DropOldest),
+                ("reject_new", WhenFull::RejectNew),
+            ],
+        )?;
+        let commit_interval = self.commit_interval.unwrap_or(Duration::from_millis(5));
+        if commit_interval > Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "buffer.commit_interval",
+                "must be at most 1s (it bounds ingest latency)",
+            ));
+        }
+        let commit_max_records = self.commit_max_records.unwrap_or(4096);
+        if commit_max_records == 0 {
+            return Err(ConfigError::new(
+                "buffer.commit_max_records",
+                "must be at least 1",
+            ));
+        }
+        let synchronous = one_of(
+            "buffer.synchronous",
+            self.synchronous.as_deref(),
+            Synchronous::Full,
+            &[("full", Synchronous::Full), ("normal", Synchronous::Normal)],
+        )?;
+        Ok(BufferConfig {
+            path: self
+                .path
+                .unwrap_or_else(|| PathBuf::from("data/edgehose.db")),
+            max_size,
+            when_full,
+            commit_interval,
+            commit_max_records,
+            synchronous,
+        })
+    }
+}
+
+impl RawDestination {
+    fn validate(self, name: &str) -> Result<DestinationConfig, ConfigError> {
+        let key = format!("destinations.{name}");
+        valid_name(&key, name)?;
+        let sink = match self.kind.as_str() {
+            "file" => {
+                let root = self.root.ok_or_else(|| {
+                    ConfigError::new(format!("{key}.root"), "is required for type = \"file\"")
+                })?;
+                let bucket = self.bucket.unwrap_or_else(|| name.to_string());
+                validate_bucket(&format!("{key}.bucket"), &bucket)?;
+                SinkConfig::File { root, bucket }
+            }
+            other => {
+                return Err(ConfigError::new(
+                    format!("{key}.type"),
+                    format!("{other:?} is not a destination type this build knows (\"file\")"),
+                ))
+            }
+        };
+        let size = self
+            .buffer_size
+            .map(|b| b.as_u64())
+            .unwrap_or(DEFAULT_BUFFER_SIZE);
+        if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&size) {
+            return Err(ConfigError::new(
+                format!("{key}.buffer_size"),
+                format!("{} is outside Firehose's 1MiB..128MiB", ByteSize(size)),
+            ));
+        }
+        let interval = self.buffer_interval.unwrap_or(DEFAULT_BUFFER_INTERVAL);
+        if interval > MAX_BUFFER_INTERVAL {
+            return Err(ConfigError::new(
+                format!("{key}.buffer_interval"),
+                "must be at most 900s (Firehose's limit)",
+            ));
+        }
+        let compression = one_of(
+            &format!("{key}.compression"),
+            self.compression.as_deref(),
+            Compression::None,
+            &[("none", Compression::None), ("gzip", Compression::Gzip)],
+        )?;
+        let newline = one_of(
+            &format!("{key}.record_delimiter"),
+            self.record_delimiter.as_deref(),
+            true,
+            &[("newline", true), ("none", false)],
+        )?;
+        let prefix = PrefixTemplate::parse(self.prefix.as_deref().unwrap_or(""))
+            .map_err(|p| ConfigError::new(format!("{key}.prefix"), p))?;
+        let delivery_stream = self.delivery_stream.unwrap_or_else(|| name.to_string());
+        valid_name(&format!("{key}.delivery_stream"), &delivery_stream)?;
+        let extension = match self.file_extension {
+            Some(ext) => {
+                if !ext.starts_with('.') || ext.len() > 128 || ext.contains('/') {
+                    return Err(ConfigError::new(
+                        format!("{key}.file_extension"),
+                        "must start with '.', contain no '/', and be at most 128 characters",
+                    ));
+                }
+                ext
+            }
+            None => compression.extension().to_string(),
+        };
+        Ok(DestinationConfig {
+            name: name.to_string(),
+            sink,
+            batching: BatchingConfig {
+                size,
+                interval,
+                compression,
+                newline,
+            },
+            keys: KeyPattern {
+                prefix,
+                delivery_stream,
+                extension,
+            },
+        })
+    }
+}
+
+/// S3 bucket naming rules, so a `file` destination's layout is one S3 could hold.
+fn validate_bucket(key: &str, bucket: &str) -> Result<(), ConfigError> {
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!(
+                "{bucket:?} is not a valid S3 bucket name (3-63 of a-z, 0-9, '-', '.', starting and ending with a letter or digit)"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [streams.telemetry]
+        topics = ["sensors/+/telemetry"]
+        destinations = ["local"]
+
+        [destinations.local]
+        type = "file"
+        root = "out"
+        bucket = "telemetry"
+    "#;
+
+    fn err(text: &str) -> ConfigError {
+        parse(text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn minimal_config_gets_firehose_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        let d = &c.destinations[0];
+        assert_eq!(d.batching.size, 5 * 1024 * 1024);
+        assert_eq!(d.batching.interval, Duration::from_secs(300));
+        assert_eq!(c.ingress.limits.max_payload, 128 * 1024);
+        assert_eq!(c.buffer.when_full, WhenFull::Block);
+        assert_eq!(c.buffer.synchronous, Synchronous::Full);
+        assert!(matches!(c.ingress.mode, IngressMode::Broker(ref b) if b.listen.port() == 1883));
+    }
+
+    #[test]
+    fn the_shipped_default_config_is_valid() {
+        let text = include_str!("../../config/edgehose.toml");
+        parse(text).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("{MINIMAL}\n[buffer]\nmax_sise = \"1MiB\"\n"));
+        assert_eq!(e.key, "buffer");
+        assert!(e.problem.contains("max_sise"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_is_named() {
+        let e = err(&format!("{MINIMAL}\n[buffer]\nmax_size = \"lots\"\n"));
+        assert_eq!(e.key, "buffer.max_size", "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = err(&MINIMAL.replace(
+            "type = \"file\"",
+            "type = \"file\"\nbuffer_interval = \"soon\"",
+        ));
+        assert_eq!(e.key, "destinations.local.buffer_interval", "{e}");
+    }
+
+    #[test]
+    fn firehose_bounds_are_enforced() {
+        let e = err(&MINIMAL.replace(
+            "type = \"file\"",
+            "type = \"file\"\nbuffer_size = \"200MiB\"",
+        ));
+        assert_eq!(e.key, "destinations.local.buffer_size");
+        let e = err(&MINIMAL.replace(
+            "type = \"file\"",
+            "type = \"file\"\nbuffer_interval = \"901s\"",
+        ));
+        assert_eq!(e.key, "destinations.local.buffer_interval");
+    }
+
+    #[test]
+    fn unknown_destination_is_named() {
+        let e = err(&MINIMAL.replace("destinations = [\"local\"]", "destinations = [\"nowhere\"]"));
+        assert_eq!(e.key, "streams.telemetry.destinations[0]");
+    }
+
+    #[test]
+    fn bad_topic_filter_is_named() {
+        let e = err(&MINIMAL.replace("sensors/+/telemetry", "sensors/#/x"));
+        assert_eq!(e.key, "streams.telemetry.topics[0]");
+    }
+
+    #[test]
+    fn bad_policy_is_named() {
+        let e = err(&format!("{MINIMAL}\n[buffer]\nwhen_full = \"panic\"\n"));
+        assert_eq!(e.key, "buffer.when_full");
+        assert!(e.problem.contains("drop_oldest"));
+    }
+
+    #[test]
+    fn client_id_template_needs_client_mode() {
+        let e = err(&MINIMAL.replace(
+            "destinations = [\"local\"]",
+            "destinations = [\"local\"]\npartition_key = \"${clientid()}\"",
+        ));
+        assert_eq!(e.key, "streams.telemetry.partition_key");
+    }
+
+    #[test]
+    fn client_mode_needs_its_table() {
+        let e = err(&format!("{MINIMAL}\n[ingress]\nmode = \"client\"\n"));
+        assert_eq!(e.key, "ingress.client");
+    }
+
+    #[test]
+    fn bad_bucket_is_named() {
+        let e = err(&MINIMAL.replace("bucket = \"telemetry\"", "bucket = \"Not_A_Bucket\""));
+        assert_eq!(e.key, "destinations.local.bucket");
+    }
+
+    #[test]
+    fn fingerprint_changes_with_output_shape() {
+        let a = parse(MINIMAL).unwrap().destinations[0].fingerprint();
+        let b =
+            parse(&MINIMAL.replace("type = \"file\"", "type = \"file\"\ncompression = \"gzip\""))
+                .unwrap()
+                .destinations[0]
+                .fingerprint();
+        assert_ne!(a, b);
+    }
+}

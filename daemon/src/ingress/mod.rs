@@ -1,0 +1,62 @@
+//! Ingress: MQTT messages in, [`Envelope`]s out to the buffer. Two modes:
+//! [`broker`], the embedded rumqttd that devices connect to, and [`client`], a client of an
+//! external broker. Both check and route every message here, in [`admit`].
+
+pub mod broker;
+pub mod client;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use tracing::warn;
+
+use crate::batching::now_ms;
+use crate::message::{Ack, Envelope, NewRecord};
+use crate::metrics as m;
+use crate::routing::Router;
+
+/// Checks and routes one message. A refused message still becomes an envelope, so its ack
+/// completes in arrival order after the messages before it are committed.
+pub fn admit(
+    router: &Router,
+    topic: &[u8],
+    payload: &[u8],
+    client_id: Option<&str>,
+    ack: Ack,
+) -> Envelope {
+    metrics::counter!(m::RECEIVED).increment(1);
+    let arrival_ms = now_ms();
+    let records = std::str::from_utf8(topic)
+        .map_err(|_| crate::routing::Reject::BadTopic)
+        .and_then(|topic| {
+            let routes = router.route(topic, payload, client_id, arrival_ms)?;
+            Ok(routes
+                .into_iter()
+                .map(|r| NewRecord {
+                    stream: r.stream,
+                    arrival_ms,
+                    topic: topic.to_string(),
+                    client_id: client_id.map(str::to_string),
+                    partition_key: r.partition_key,
+                    payload: payload.to_vec(),
+                })
+                .collect())
+        });
+    if let Err(reason) = &records {
+        log_rejection(reason.label(), topic, payload.len());
+    }
+    Envelope { records, ack }
+}
+
+/// Logs a refused message at WARN at most once a second; the metric counts every one.
+fn log_rejection(reason: &str, topic: &[u8], payload_len: usize) {
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = now_ms() / 1000;
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        warn!(
+            reason,
+            topic = %String::from_utf8_lossy(&topic[..topic.len().min(300)]),
+            payload_len,
+            "message rejected (further rejections this second are only counted in edgehose_messages_rejected_total)"
+        );
+    }
+}

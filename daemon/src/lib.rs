@@ -1,0 +1,145 @@
+//! edgehose: an IoT edge gateway. MQTT in, a durable SQLite buffer, Firehose-style batches out.
+//!
+//! The data flow, in module order:
+//!
+//! 1. [`ingress`]: MQTT messages arrive (embedded rumqttd, or a client of an external broker)
+//!    and are checked and routed ([`routing`]) into [`message::Envelope`]s.
+//! 2. [`buffer`]: one writer thread group-commits envelopes to SQLite (WAL) and only then
+//!    completes their acks. This commit is the one durability point.
+//! 3. [`batching`]: one task per destination applies Firehose's buffering hints over the
+//!    committed records and assembles each batch, with Firehose's object keys.
+//! 4. [`sinks`]: a batch is put under its key (the `file` sink: a local S3-layout directory);
+//!    then the destination's position moves and fully delivered records are deleted.
+//!
+//! Around them: [`config`] (TOML -> validated `Config`), [`admin`] (`/healthz`, `/metrics`),
+//! [`shutdown`] (one signal, stages finish in flow order).
+
+pub mod config;
+pub mod message;
+
+pub mod ingress;
+pub mod routing;
+
+pub mod buffer;
+
+pub mod batching;
+
+pub mod sinks;
+
+pub mod admin;
+pub mod metrics;
+pub mod shutdown;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::batching::Destination;
+use crate::config::{Config, IngressMode};
+use crate::routing::Router;
+use crate::sinks::Sink;
+
+/// Runs the gateway until SIGTERM or SIGINT, then shuts down in flow order within
+/// `shutdown.timeout`.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics_handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    metrics::describe();
+
+    let (trigger, shutdown) = shutdown::channel();
+
+    // The buffer first: nothing is accepted before it can be stored.
+    let buffer = buffer::open(&config)
+        .with_context(|| format!("cannot open the buffer at {}", config.buffer.path.display()))?;
+
+    let mut destinations = JoinSet::new();
+    for (index, dest) in config.destinations.iter().enumerate() {
+        let streams: Vec<usize> = config
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.destinations.contains(&dest.name))
+            .map(|(i, _)| i)
+            .collect();
+        let stream_ids = streams.iter().map(|&i| buffer.stream_ids[i]).collect();
+        destinations.spawn(
+            Destination {
+                index,
+                config: dest.clone(),
+                streams,
+                stream_ids,
+                state: buffer.destinations[index].clone(),
+                sink: Sink::new(&dest.sink),
+                buffer_path: buffer.path.clone(),
+                control: buffer.control.clone(),
+                committed: buffer.committed.clone(),
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        );
+    }
+    drop(buffer.control);
+
+    let admin = match config.admin.listen {
+        Some(addr) => Some(tokio::spawn(
+            admin::serve(addr, metrics_handle, shutdown.clone()).await?,
+        )),
+        None => None,
+    };
+
+    let router = Arc::new(Router::new(config.streams.clone(), config.ingress.limits));
+    let ingress = match &config.ingress.mode {
+        IngressMode::Broker(b) => {
+            let broker = ingress::broker::start(b, &config.ingress.limits)?;
+            tokio::spawn(broker.run(router, buffer.ingest, shutdown.clone()))
+        }
+        IngressMode::Client(c) => tokio::spawn(ingress::client::run(
+            c.clone(),
+            config.ingress.limits,
+            router,
+            buffer.ingest,
+            shutdown.clone(),
+        )),
+    };
+    info!("edgehose ready");
+
+    wait_for_signal().await;
+    info!(timeout = ?config.shutdown_timeout, "shutting down: stopping ingress, committing, flushing open batches");
+    trigger.begin();
+
+    let finish = async {
+        let _ = ingress.await;
+        while destinations.join_next().await.is_some() {}
+        let writer = buffer.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    };
+    match tokio::time::timeout(config.shutdown_timeout, finish).await {
+        Ok(()) => info!("shutdown complete"),
+        Err(_) => warn!(
+            "shutdown timed out; undelivered records stay in the buffer and are delivered after restart"
+        ),
+    }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,86 @@
+//! What ingress hands the buffer: one [`Envelope`] per MQTT message, carrying the routed records
+//! and an [`Ack`] that the buffer completes only after the commit that holds them.
+
+use std::fmt;
+
+use crate::routing::Reject;
+
+/// One row-to-be of the buffer: a message as routed to one stream.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub stream: usize,
+    pub arrival_ms: i64,
+    pub topic: String,
+    pub client_id: Option<String>,
+    pub partition_key: String,
+    pub payload: Vec<u8>,
+}
+
+impl NewRecord {
+    /// Bytes this record counts against `buffer.max_size`: its data plus a fixed per-row cost.
+    pub fn accounted_bytes(&self) -> u64 {
+        accounted_bytes(
+            self.payload.len(),
+            self.topic.len()
+                + self.partition_key.len()
+                + self.client_id.as_ref().map_or(0, |c| c.len()),
+        )
+    }
+}
+
+/// Per-row overhead counted against the buffer bound (rowid, integers, SQLite cell header).
+pub const ROW_OVERHEAD: u64 = 32;
+
+pub fn accounted_bytes(payload: usize, text: usize) -> u64 {
+    (payload + text) as u64 + ROW_OVERHEAD
+}
+
+/// How a message ended: committed to SQLite, or refused (and why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Rejected(Reject),
+}
+
+type AckFn = Box<dyn FnOnce(Outcome) + Send>;
+
+/// Completes a message's acknowledgement. The buffer calls it once the commit holding the
+/// message returned (or once it refused the message), in the order messages arrived. Dropping
+/// an `Ack` without completing it acknowledges nothing: an MQTT broker will then redeliver.
+#[derive(Default)]
+pub struct Ack(Option<AckFn>);
+
+impl Ack {
+    /// An ack nobody waits for (QoS 0, or a broker that already sent its PUBACK).
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    pub fn new(f: impl FnOnce(Outcome) + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    pub fn complete(self, outcome: Outcome) {
+        if let Some(f) = self.0 {
+            f(outcome)
+        }
+    }
+}
+
+impl fmt::Debug for Ack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Ack(pending)"
+        } else {
+            "Ack(none)"
+        })
+    }
+}
+
+/// One MQTT message on its way into the buffer. `records` is empty when ingress refused the
+/// message; it still travels through the buffer so that acknowledgements keep arrival order.
+#[derive(Debug)]
+pub struct Envelope {
+    pub records: Result<Vec<NewRecord>, Reject>,
+    pub ack: Ack,
+}

@@ -1,0 +1,54 @@
+//! Metric names and their descriptions, in one place. Labels are low-cardinality: a reject
+//! reason, a destination name, never a topic or a client id.
+
+use metrics::{describe_counter, describe_gauge, Unit};
+
+pub const RECEIVED: &str = "edgehose_messages_received_total";
+pub const REJECTED: &str = "edgehose_messages_rejected_total";
+pub const BROKER_DROPPED: &str = "edgehose_broker_dropped_total";
+pub const COMMITTED: &str = "edgehose_records_committed_total";
+pub const COMMITS: &str = "edgehose_buffer_commits_total";
+pub const BUFFER_RECORDS: &str = "edgehose_buffer_records";
+pub const BUFFER_BYTES: &str = "edgehose_buffer_bytes";
+pub const BUFFER_DROPPED: &str = "edgehose_buffer_dropped_total";
+pub const BUFFER_FULL_WAITS: &str = "edgehose_buffer_full_waits_total";
+pub const DELIVERED_RECORDS: &str = "edgehose_records_delivered_total";
+pub const DELIVERED_BATCHES: &str = "edgehose_batches_delivered_total";
+pub const DELIVERED_BYTES: &str = "edgehose_bytes_delivered_total";
+pub const DELIVERY_ERRORS: &str = "edgehose_delivery_errors_total";
+
+pub fn describe() {
+    describe_counter!(RECEIVED, "MQTT messages that reached ingress");
+    describe_counter!(
+        REJECTED,
+        "Messages refused by ingress or the buffer, by reason"
+    );
+    describe_counter!(
+        BROKER_DROPPED,
+        "Messages the embedded rumqttd dropped from its log before edgehose read them (acknowledged to the device, then lost)"
+    );
+    describe_counter!(COMMITTED, "Records committed to the SQLite buffer");
+    describe_counter!(COMMITS, "SQLite group commits");
+    describe_gauge!(BUFFER_RECORDS, "Records held in the buffer");
+    describe_gauge!(
+        BUFFER_BYTES,
+        Unit::Bytes,
+        "Bytes held in the buffer (accounted)"
+    );
+    describe_counter!(
+        BUFFER_DROPPED,
+        "Records deleted undelivered by the drop_oldest policy"
+    );
+    describe_counter!(
+        BUFFER_FULL_WAITS,
+        "Times ingest waited because the buffer was full (block policy)"
+    );
+    describe_counter!(DELIVERED_RECORDS, "Records delivered, by destination");
+    describe_counter!(DELIVERED_BATCHES, "Objects delivered, by destination");
+    describe_counter!(
+        DELIVERED_BYTES,
+        Unit::Bytes,
+        "Record bytes delivered before compression, by destination"
+    );
+    describe_counter!(DELIVERY_ERRORS, "Failed delivery attempts, by destination");
+}
