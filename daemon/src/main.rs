@@ -49,8 +49,13 @@ fn main() -> ExitCode {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("EDGEHOSE_LOG")
-                        .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+                        // rumqttd logs every client disconnect at ERROR; its real problems
+                        // (dropped messages) are counted and logged by edgehose itself.
+                        .unwrap_or_else(|_| {
+                            "info,rumqttd=warn,rumqttd::router::routing=off".into()
+                        }),
                 )
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
             let config = match edgehose::config::load(&path) {

@@ -1,1 +1,459 @@
+//! Harness for the end-to-end tests: runs the real `edgehose` and `firmware-sim` binaries as
+//! processes on loopback ports, with a scratch directory for the buffer and the output, and reads
+//! what they produce (objects, metrics, the SQLite file).
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where cargo put the workspace's binaries for this profile (`target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Waits until `f` returns true, or fails after `timeout`.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// A plain HTTP/1.0 GET on loopback; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Options for a test gateway's config.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub buffer_interval: &'static str,
+    pub buffer_size: &'static str,
+    pub compression: &'static str,
+    pub max_size: &'static str,
+    pub when_full: &'static str,
+    /// Some((host, port)) for client mode against an external broker.
+    pub client_of: Option<u16>,
+    /// Extra TOML appended to the config.
+    pub extra: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            buffer_interval: "1s",
+            buffer_size: "1MiB",
+            compression: "none",
+            max_size: "256MiB",
+            when_full: "block",
+            client_of: None,
+            extra: String::new(),
+        }
+    }
+}
+
+/// One `edgehose run` process with its scratch directory.
+pub struct Gateway {
+    pub dir: PathBuf,
+    pub mqtt_port: u16,
+    pub admin_port: u16,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Gateway {
+    pub const BUCKET: &'static str = "telemetry";
+    pub const STREAM: &'static str = "edgehose-telemetry";
+
+    /// Writes the config for `setup` into `dir` (kept across restarts) and starts the gateway.
+    pub fn start(dir: &Path, setup: &Setup) -> anyhow::Result<Self> {
+        let mqtt_port = free_port();
+        let admin_port = free_port();
+        let ingress = match setup.client_of {
+            None => format!(
+                "[ingress]\nmode = \"broker\"\n[ingress.broker]\nlisten = \"127.0.0.1:{mqtt_port}\"\n"
+            ),
+            Some(port) => format!(
+                "[ingress]\nmode = \"client\"\n[ingress.client]\nhost = \"127.0.0.1\"\nport = {port}\n\
+                 client_id = \"edgehose-test\"\ntopics = [\"sensors/#\"]\n"
+            ),
+        };
+        let config = format!(
+            r#"{ingress}
+[buffer]
+path = "{dir}/data/edgehose.db"
+max_size = "{max_size}"
+when_full = "{when_full}"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[shutdown]
+timeout = "20s"
+
+[streams.telemetry]
+topics = ["sensors/+/telemetry"]
+partition_key = "${{topic(2)}}"
+destinations = ["local"]
+
+[destinations.local]
+type = "file"
+root = "{dir}/out"
+bucket = "{bucket}"
+delivery_stream = "{stream}"
+buffer_size = "{size}"
+buffer_interval = "{interval}"
+compression = "{compression}"
+{extra}
+"#,
+            dir = dir.display(),
+            max_size = setup.max_size,
+            when_full = setup.when_full,
+            bucket = Self::BUCKET,
+            stream = Self::STREAM,
+            size = setup.buffer_size,
+            interval = setup.buffer_interval,
+            compression = setup.compression,
+            extra = setup.extra,
+        );
+        let config_path = dir.join("edgehose.toml");
+        std::fs::write(&config_path, config)?;
+        let mut gw = Self {
+            dir: dir.to_path_buf(),
+            mqtt_port,
+            admin_port,
+            config_path,
+            child: None,
+            log_path: dir.join("edgehose.log"),
+        };
+        gw.spawn()?;
+        Ok(gw)
+    }
+
+    /// Starts (or restarts) the process and waits for `/healthz`.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(bin("edgehose"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env(
+                "EDGEHOSE_LOG",
+                "info,rumqttd=warn,rumqttd::router::routing=off",
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let port = self.admin_port;
+        let started = wait_until(Duration::from_secs(20), "edgehose /healthz", || {
+            http_get(port, "/healthz")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+        });
+        if let Err(e) = started {
+            bail!("{e}; log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        assert!(status.success());
+        self.wait(Duration::from_secs(30))
+    }
+
+    /// SIGKILL: no chance to flush or commit anything.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().expect("running");
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().expect("running");
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > end {
+                child.kill().ok();
+                bail!(
+                    "edgehose did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// All metrics as name{labels} -> value.
+    pub fn metrics(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let (status, body) = http_get(self.admin_port, "/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    pub fn metric(&self, key: &str) -> f64 {
+        self.metrics()
+            .ok()
+            .and_then(|m| m.get(key).copied())
+            .unwrap_or(0.0)
+    }
+
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.dir.join("out").join(Self::BUCKET)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("data/edgehose.db")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
+
+/// One delivered object: its key (relative to the bucket) and its records.
+#[derive(Debug)]
+pub struct Object {
+    pub key: String,
+    pub records: Vec<Vec<u8>>,
+}
+
+/// Reads every object under `bucket`, un-gzipping `.gz` ones, splitting records on newlines.
+pub fn read_objects(bucket: &Path) -> anyhow::Result<Vec<Object>> {
+    let mut out = Vec::new();
+    let mut stack = vec![bucket.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries {
+            let path = e?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let raw = std::fs::read(&path)?;
+            let body = if path.extension().is_some_and(|x| x == "gz") {
+                let mut d = flate2::read::GzDecoder::new(&raw[..]);
+                let mut v = Vec::new();
+                d.read_to_end(&mut v)?;
+                v
+            } else {
+                raw
+            };
+            let key = path.strip_prefix(bucket)?.to_string_lossy().into_owned();
+            let records = body
+                .split(|&b| b == b'\n')
+                .filter(|r| !r.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect();
+            out.push(Object { key, records });
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// (device, seq) of every record, as firmware-sim writes them.
+pub fn device_seqs(objects: &[Object]) -> Vec<(String, u64)> {
+    objects
+        .iter()
+        .flat_map(|o| o.records.iter())
+        .filter_map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(r).ok()?;
+            Some((v["device"].as_str()?.to_string(), v["seq"].as_u64()?))
+        })
+        .collect()
+}
+
+/// Checks a key against Firehose's layout for the default prefix:
+/// `yyyy/MM/dd/HH/<stream>-<version>-yyyy-MM-dd-HH-mm-ss-<uuid><ext>`, with the prefix's hour
+/// equal to the name's.
+pub fn is_firehose_key(key: &str, stream: &str, ext: &str) -> bool {
+    let parts: Vec<&str> = key.split('/').collect();
+    if parts.len() != 5 {
+        return false;
+    }
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(parts[0], 4) && digits(parts[1], 2) && digits(parts[2], 2) && digits(parts[3], 2)) {
+        return false;
+    }
+    let Some(name) = parts[4].strip_prefix(&format!("{stream}-")) else {
+        return false;
+    };
+    let Some(name) = name.strip_suffix(ext) else {
+        return false;
+    };
+    // <version>-yyyy-MM-dd-HH-mm-ss-<uuid: 8-4-4-4-12>
+    let f: Vec<&str> = name.split('-').collect();
+    if f.len() != 12 || !f[0].bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let ts_ok = digits(f[1], 4) && [2, 3, 4, 5, 6].iter().all(|&i| digits(f[i], 2));
+    let prefix_matches =
+        f[1] == parts[0] && f[2] == parts[1] && f[3] == parts[2] && f[4] == parts[3];
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let uuid_ok = hex(f[7], 8) && hex(f[8], 4) && hex(f[9], 4) && hex(f[10], 4) && hex(f[11], 12);
+    ts_ok && prefix_matches && uuid_ok
+}
+
+/// Runs firmware-sim to completion and returns its JSON summary.
+pub fn run_sim(port: u16, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(bin("firmware-sim"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--json"])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "firmware-sim failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firehose_key_check() {
+        let k = "2026/11/26/10/edgehose-telemetry-1-2026-11-26-10-38-05-93a203f6-ead6-5b60-9485-88c6fc10e5e6";
+        assert!(is_firehose_key(k, "edgehose-telemetry", ""));
+        assert!(!is_firehose_key(k, "other", ""));
+        assert!(!is_firehose_key(
+            &k.replace("/10/e", "/11/e"),
+            "edgehose-telemetry",
+            ""
+        ));
+        assert!(is_firehose_key(
+            &format!("{k}.gz"),
+            "edgehose-telemetry",
+            ".gz"
+        ));
+    }
+}
+
+/// Publishes `messages` (topic, payload) from one MQTT client at QoS 1 and returns how many
+/// were acknowledged. Stops at the first connection error.
+pub async fn publish(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) -> usize {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let total = messages.len();
+    tokio::spawn(async move {
+        for (topic, payload) in messages {
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut acked = 0;
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while acked < total {
+        match tokio::time::timeout_at(end, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    acked
+}
+
+/// A telemetry payload like firmware-sim's.
+pub fn telemetry(device: &str, seq: u64) -> Vec<u8> {
+    format!(r#"{{"device":"{device}","seq":{seq},"temperature_c":21.5}}"#).into_bytes()
+}
+
+/// Records held in a (stopped) gateway's buffer file.
+pub fn buffered_records(db: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(db).expect("open the buffer file");
+    conn.query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+        .expect("count records")
+}

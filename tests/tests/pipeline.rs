@@ -1,0 +1,133 @@
+//! The whole pipeline on the embedded default: real edgehose process, real MQTT clients
+//! (firmware-sim), real SQLite file, Firehose-layout objects in a real directory.
+
+use std::collections::HashMap;
+
+use edgehose_tests::*;
+
+fn assert_exactly_once(seqs: &[(String, u64)], devices: usize, per_device: u64, prefix: &str) {
+    let mut seen: HashMap<(String, u64), usize> = HashMap::new();
+    for s in seqs {
+        *seen.entry(s.clone()).or_default() += 1;
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(
+        dups.is_empty(),
+        "{} duplicated records, e.g. {:?}",
+        dups.len(),
+        dups.first()
+    );
+    let mut missing = 0;
+    for d in 0..devices {
+        for s in 0..per_device {
+            if !seen.contains_key(&(format!("{prefix}-{d}"), s)) {
+                missing += 1;
+            }
+        }
+    }
+    assert_eq!(missing, 0, "records missing from the output");
+    assert_eq!(seqs.len(), devices * per_device as usize);
+}
+
+#[test]
+fn fifty_clients_twenty_thousand_messages_arrive_exactly_once_in_firehose_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let summary = run_sim(
+        gw.mqtt_port,
+        &[
+            "--devices",
+            "50",
+            "--messages",
+            "400",
+            "--rate",
+            "0",
+            "--qos",
+            "1",
+        ],
+    )
+    .unwrap();
+    assert_eq!(summary["acknowledged"], 20_000, "{summary}");
+    let status = gw.terminate().unwrap();
+    assert!(status.success(), "exit status {status}; log:\n{}", gw.log());
+
+    let objects = read_objects(&gw.bucket_dir()).unwrap();
+    assert!(
+        objects.len() > 1,
+        "a 1MiB size hint over ~5MB should give several objects"
+    );
+    for o in &objects {
+        assert!(
+            is_firehose_key(&o.key, Gateway::STREAM, ""),
+            "bad key {}",
+            o.key
+        );
+    }
+    assert_exactly_once(&device_seqs(&objects), 50, 400, "dev");
+    // Records of one device keep their order within each object.
+    for o in &objects {
+        let mut last: HashMap<String, u64> = HashMap::new();
+        for (d, s) in device_seqs(std::slice::from_ref(o)) {
+            if let Some(prev) = last.insert(d.clone(), s) {
+                assert!(s > prev, "{d}: {s} after {prev} in {}", o.key);
+            }
+        }
+    }
+    // Nothing is left behind: no staging files, an empty buffer.
+    let staging = dir.path().join("out/.edgehose-staging");
+    let leftovers = std::fs::read_dir(staging.join(Gateway::BUCKET))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftovers, 0);
+    assert_eq!(
+        buffered_records(&gw.db_path()),
+        0,
+        "delivered records are deleted from the buffer"
+    );
+}
+
+#[test]
+fn gzip_objects_get_gz_keys_and_decode_to_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        compression: "gzip",
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let summary = run_sim(gw.mqtt_port, &["-n", "5", "-m", "200", "--rate", "0"]).unwrap();
+    assert_eq!(summary["acknowledged"], 1000);
+    assert!(gw.terminate().unwrap().success());
+    let objects = read_objects(&gw.bucket_dir()).unwrap();
+    assert!(!objects.is_empty());
+    for o in &objects {
+        assert!(
+            is_firehose_key(&o.key, Gateway::STREAM, ".gz"),
+            "bad key {}",
+            o.key
+        );
+    }
+    assert_exactly_once(&device_seqs(&objects), 5, 200, "dev");
+}
+
+#[test]
+fn the_interval_flushes_without_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    run_sim(gw.mqtt_port, &["-n", "2", "-m", "10", "--rate", "0"]).unwrap();
+    // buffer_interval = 1s: the object appears while the gateway keeps running.
+    wait_until(std::time::Duration::from_secs(10), "an object", || {
+        read_objects(&gw.bucket_dir())
+            .map(|o| !o.is_empty())
+            .unwrap_or(false)
+    })
+    .unwrap();
+    assert_eq!(
+        gw.metric("edgehose_records_delivered_total{destination=\"local\"}"),
+        20.0
+    );
+    assert_eq!(
+        gw.metric("edgehose_batches_delivered_total{destination=\"local\"}"),
+        1.0
+    );
+    assert!(gw.terminate().unwrap().success());
+}
