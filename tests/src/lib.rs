@@ -81,6 +81,9 @@ pub struct Setup {
     pub when_full: &'static str,
     /// Some((host, port)) for client mode against an external broker.
     pub client_of: Option<u16>,
+    pub shutdown_timeout: &'static str,
+    /// The `file` destination's root, relative to the scratch directory unless absolute.
+    pub root: &'static str,
     /// Extra TOML appended to the config.
     pub extra: String,
 }
@@ -94,6 +97,8 @@ impl Default for Setup {
             max_size: "256MiB",
             when_full: "block",
             client_of: None,
+            shutdown_timeout: "20s",
+            root: "out",
             extra: String::new(),
         }
     }
@@ -137,7 +142,7 @@ when_full = "{when_full}"
 listen = "127.0.0.1:{admin_port}"
 
 [shutdown]
-timeout = "20s"
+timeout = "{shutdown_timeout}"
 
 [streams.telemetry]
 topics = ["sensors/+/telemetry"]
@@ -146,7 +151,7 @@ destinations = ["local"]
 
 [destinations.local]
 type = "file"
-root = "{dir}/out"
+root = "{root}"
 bucket = "{bucket}"
 delivery_stream = "{stream}"
 buffer_size = "{size}"
@@ -163,6 +168,8 @@ compression = "{compression}"
             interval = setup.buffer_interval,
             compression = setup.compression,
             extra = setup.extra,
+            shutdown_timeout = setup.shutdown_timeout,
+            root = dir.join(setup.root).display(),
         );
         let config_path = dir.join("edgehose.toml");
         std::fs::write(&config_path, config)?;

@@ -65,8 +65,9 @@ pub struct Destination {
 /// destination has taken (or found gone) so far.
 #[derive(Debug, Default, Clone, Copy)]
 struct Taken {
-    records: u64,
-    bytes: u64,
+    // Signed: at start the backlog already in the file counts as taken "below zero".
+    records: i64,
+    bytes: i64,
 }
 
 /// What the writer has committed so far for `streams`, delimiters included.
@@ -75,8 +76,8 @@ fn cumulative(streams: &[usize], newline: bool, c: &Committed) -> Taken {
     let mut t = Taken::default();
     for &s in streams {
         let records = c.records.get(s).copied().unwrap_or(0);
-        t.records += records;
-        t.bytes += c.payload_bytes.get(s).copied().unwrap_or(0) + newline * records;
+        t.records += records as i64;
+        t.bytes += (c.payload_bytes.get(s).copied().unwrap_or(0) + newline * records) as i64;
     }
     t
 }
@@ -109,16 +110,16 @@ impl Destination {
             blocking(&reader, move |c| store::pending(c, &streams, after))
                 .await
                 .map(|(n, bytes, _)| Taken {
-                    records: n,
-                    bytes: bytes + newline * n,
+                    records: n as i64,
+                    bytes: (bytes + newline * n) as i64,
                 })
                 .unwrap_or_default()
         };
         let newline = self.config.batching.newline;
         let now = cumulative(&self.streams, newline, &self.committed.borrow());
         let mut taken = Taken {
-            records: now.records.saturating_sub(pending.records),
-            bytes: now.bytes.saturating_sub(pending.bytes),
+            records: now.records - pending.records,
+            bytes: now.bytes - pending.bytes,
         };
         let mut oldest: Option<i64> = None;
 
@@ -127,10 +128,10 @@ impl Destination {
                 let c = self.committed.borrow_and_update();
                 (cumulative(&self.streams, newline, &c), c.ingest_closed)
             };
-            let pending_records = cum.records.saturating_sub(taken.records);
-            let pending_bytes = cum.bytes.saturating_sub(taken.bytes);
+            let pending_records = cum.records - taken.records;
+            let pending_bytes = (cum.bytes - taken.bytes).max(0) as u64;
             let stopping = self.shutdown.is_begun() && ingest_closed;
-            if pending_records == 0 {
+            if pending_records <= 0 {
                 if stopping {
                     break;
                 }
@@ -157,8 +158,8 @@ impl Destination {
                     // Nothing was there: resynchronise with the counters.
                     taken = cum;
                 } else {
-                    taken.records += records;
-                    taken.bytes += bytes;
+                    taken.records += records as i64;
+                    taken.bytes += bytes as i64;
                 }
                 oldest = None;
                 continue;
