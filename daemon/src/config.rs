@@ -841,7 +841,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = err(&format!("{MINIMAL}\n[buffer]\nmax_sise = \"1MiB\"\n"));
-        assert_eq!(e.key, "buffer");
+        assert_eq!(e.key, "buffer.max_sise");
         assert!(e.problem.contains("max_sise"), "{e}");
     }
 

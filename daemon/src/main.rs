@@ -6,6 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// rumqttd logs every device disconnect at ERROR from these two modules; what matters of them
+/// (messages it dropped) edgehose counts and logs itself. `EDGEHOSE_LOG` overrides this.
+const DEFAULT_LOG_FILTER: &str =
+    "info,rumqttd=warn,rumqttd::router::routing=off,rumqttd::server::broker=off";
+
 #[derive(Parser)]
 #[command(
     name = "edgehose",

@@ -234,9 +234,9 @@ compression = "{compression}"
     /// SIGKILL: no chance to flush or commit anything.
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         let mut child = self.child.take().expect("running");
-        child.kill()?;
+        let killed = child.kill();
         child.wait()?;
-        Ok(())
+        Ok(killed?)
     }
 
     fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
@@ -400,28 +400,6 @@ pub fn run_sim(port: u16, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn firehose_key_check() {
-        let k = "2026/11/26/10/edgehose-telemetry-1-2026-11-26-10-38-05-93a203f6-ead6-5b60-9485-88c6fc10e5e6";
-        assert!(is_firehose_key(k, "edgehose-telemetry", ""));
-        assert!(!is_firehose_key(k, "other", ""));
-        assert!(!is_firehose_key(
-            &k.replace("/10/e", "/11/e"),
-            "edgehose-telemetry",
-            ""
-        ));
-        assert!(is_firehose_key(
-            &format!("{k}.gz"),
-            "edgehose-telemetry",
-            ".gz"
-        ));
-    }
-}
-
 /// Publishes `messages` (topic, payload) from one MQTT client at QoS 1 and returns how many
 /// were acknowledged. Stops at the first connection error.
 pub async fn publish(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) -> usize {
@@ -463,4 +441,69 @@ pub fn buffered_records(db: &Path) -> i64 {
     let conn = rusqlite::Connection::open(db).expect("open the buffer file");
     conn.query_row("SELECT count(*) FROM records", [], |r| r.get(0))
         .expect("count records")
+}
+
+/// A real mosquitto broker on a loopback port, for client mode.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context(
+                "mosquitto is not installed (tests/run.sh installs it: apt-get install mosquitto)",
+            )?;
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 100\n"
+            ),
+        )?;
+        let child = Command::new(exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        wait_until(Duration::from_secs(10), "mosquitto to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        Ok(Self { port, child })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firehose_key_check() {
+        let k = "2026/11/26/10/edgehose-telemetry-1-2026-11-26-10-38-05-93a203f6-ead6-5b60-9485-88c6fc10e5e6";
+        assert!(is_firehose_key(k, "edgehose-telemetry", ""));
+        assert!(!is_firehose_key(k, "other", ""));
+        assert!(!is_firehose_key(
+            &k.replace("/10/e", "/11/e"),
+            "edgehose-telemetry",
+            ""
+        ));
+        assert!(is_firehose_key(
+            &format!("{k}.gz"),
+            "edgehose-telemetry",
+            ".gz"
+        ));
+    }
 }

@@ -96,11 +96,15 @@ fn kill_9_during_load_loses_nothing_committed() {
         });
 
         // Committed before the kill = delivered already + still in the buffer file.
-        let delivered_before: HashSet<_> =
-            device_seqs(&read_objects(&gw.bucket_dir()).unwrap()).into_iter().collect();
+        let delivered_before: HashSet<_> = device_seqs(&read_objects(&gw.bucket_dir()).unwrap())
+            .into_iter()
+            .collect();
         let in_buffer = committed_in_buffer(&gw.db_path());
         let committed: HashSet<_> = delivered_before.union(&in_buffer).cloned().collect();
-        assert!(!committed.is_empty(), "trial {trial}: the kill came before any commit");
+        assert!(
+            !committed.is_empty(),
+            "trial {trial}: the kill came before any commit"
+        );
 
         gw.spawn().unwrap();
         let status = gw.terminate().unwrap();
@@ -108,7 +112,11 @@ fn kill_9_during_load_loses_nothing_committed() {
 
         let out = device_seqs(&read_objects(&gw.bucket_dir()).unwrap());
         let delivered: HashSet<_> = out.iter().cloned().collect();
-        assert_eq!(out.len(), delivered.len(), "trial {trial}: duplicates after restart");
+        assert_eq!(
+            out.len(),
+            delivered.len(),
+            "trial {trial}: duplicates after restart"
+        );
         let lost_committed = committed.difference(&delivered).count();
         assert_eq!(lost_committed, 0, "trial {trial}: committed records lost");
         let acked = acked.lock().unwrap();
