@@ -54,11 +54,7 @@ fn main() -> ExitCode {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("EDGEHOSE_LOG")
-                        // rumqttd logs every client disconnect at ERROR; its real problems
-                        // (dropped messages) are counted and logged by edgehose itself.
-                        .unwrap_or_else(|_| {
-                            "info,rumqttd=warn,rumqttd::router::routing=off".into()
-                        }),
+                        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
                 )
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
