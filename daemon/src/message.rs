@@ -28,7 +28,8 @@ impl NewRecord {
     }
 }
 
-/// Per-row overhead counted against the buffer bound (rowid, integers, SQLite cell header).
+/// Per-row overhead (rowid, integers, SQLite cell header), for estimating a transaction's size
+/// against the buffer bound before SQLite reports its pages.
 pub const ROW_OVERHEAD: u64 = 32;
 
 pub fn accounted_bytes(payload: usize, text: usize) -> u64 {

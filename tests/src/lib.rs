@@ -436,11 +436,47 @@ pub fn telemetry(device: &str, seq: u64) -> Vec<u8> {
     format!(r#"{{"device":"{device}","seq":{seq},"temperature_c":21.5}}"#).into_bytes()
 }
 
+/// Payloads of the records held in a (stopped) gateway's buffer file, in id order.
+pub fn buffered_payloads(db: &Path) -> Vec<Vec<u8>> {
+    let conn = rusqlite::Connection::open(db).expect("open the buffer file");
+    let mut stmt = conn
+        .prepare("SELECT seq FROM segments ORDER BY seq")
+        .expect("list segments");
+    let segments: Vec<i64> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .expect("list segments");
+    let mut out = Vec::new();
+    for seq in segments {
+        let mut stmt = conn
+            .prepare(&format!("SELECT payload FROM seg_{seq} ORDER BY id"))
+            .expect("read a segment");
+        let rows = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .expect("read a segment");
+        out.extend(rows);
+    }
+    out
+}
+
+/// (delivered id of the first destination, last record id, number of segments) of a stopped
+/// gateway's buffer file.
+pub fn delivery_position(db: &Path) -> (i64, i64, i64) {
+    let conn = rusqlite::Connection::open(db).expect("open the buffer file");
+    conn.query_row(
+        "SELECT (SELECT min(delivered_id) FROM destinations),
+                (SELECT max(last_id) FROM segments),
+                (SELECT count(*) FROM segments)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .expect("read the delivery position")
+}
+
 /// Records held in a (stopped) gateway's buffer file.
 pub fn buffered_records(db: &Path) -> i64 {
-    let conn = rusqlite::Connection::open(db).expect("open the buffer file");
-    conn.query_row("SELECT count(*) FROM records", [], |r| r.get(0))
-        .expect("count records")
+    buffered_payloads(db).len() as i64
 }
 
 /// A real mosquitto broker on a loopback port, for client mode.

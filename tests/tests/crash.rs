@@ -59,16 +59,9 @@ async fn device(port: u16, n: usize, acked: Seen) {
 }
 
 fn committed_in_buffer(db: &std::path::Path) -> HashSet<(String, u64)> {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let mut stmt = conn.prepare("SELECT payload FROM records").unwrap();
-    let rows = stmt
-        .query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
     device_seqs(&[Object {
         key: String::new(),
-        records: rows,
+        records: buffered_payloads(db),
     }])
     .into_iter()
     .collect()

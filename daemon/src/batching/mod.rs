@@ -31,6 +31,8 @@ use object::{Selection, Staged};
 const RETRY_MIN: Duration = Duration::from_secs(1);
 /// ...to at most this, and go on for as long as the data is held.
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often a caught-up destination moves its position past other streams' records.
+const IDLE_ADVANCE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
@@ -109,7 +111,7 @@ impl Destination {
             let newline = u64::from(self.config.batching.newline);
             blocking(&reader, move |c| store::pending(c, &streams, after))
                 .await
-                .map(|(n, bytes, _)| Taken {
+                .map(|(n, bytes)| Taken {
                     records: n as i64,
                     bytes: (bytes + newline * n) as i64,
                 })
@@ -122,16 +124,31 @@ impl Destination {
             bytes: now.bytes - pending.bytes,
         };
         let mut oldest: Option<i64> = None;
+        let mut last_advance = tokio::time::Instant::now();
 
         loop {
-            let (cum, ingest_closed) = {
+            let (cum, last_id, ingest_closed) = {
                 let c = self.committed.borrow_and_update();
-                (cumulative(&self.streams, newline, &c), c.ingest_closed)
+                (
+                    cumulative(&self.streams, newline, &c),
+                    c.last_id,
+                    c.ingest_closed,
+                )
             };
             let pending_records = cum.records - taken.records;
             let pending_bytes = (cum.bytes - taken.bytes).max(0) as u64;
             let stopping = self.shutdown.is_begun() && ingest_closed;
             if pending_records <= 0 {
+                // Caught up: every record of its streams up to `last_id` is delivered. Saying
+                // so (now and then) lets segments that also hold other streams' records go.
+                if last_id > self.state.delivered_id
+                    && (stopping || last_advance.elapsed() >= IDLE_ADVANCE)
+                {
+                    last_advance = tokio::time::Instant::now();
+                    if let Err(e) = self.delivered(last_id).await {
+                        warn!(destination = %self.config.name, error = %e, "cannot record the delivery position");
+                    }
+                }
                 if stopping {
                     break;
                 }

@@ -1,7 +1,7 @@
 //! The buffer: a SQLite file in WAL mode, the gateway's one durability point. Ingress sends
 //! envelopes to the [`writer::Writer`], which group-commits them and only then completes their
 //! acks; destinations read committed records through their own connections and report what
-//! they delivered, and a record is deleted once every destination of its stream has it.
+//! they delivered, and a segment of records is dropped once every destination has it.
 
 pub mod store;
 pub mod writer;
@@ -9,7 +9,7 @@ pub mod writer;
 use std::path::PathBuf;
 
 use tokio::sync::{mpsc, watch};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::message::Envelope;
@@ -20,6 +20,8 @@ pub use writer::{Committed, Control, DestinationSlot, Writer};
 pub enum BufferError {
     #[error("SQLite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
     #[error("the buffer writer has stopped")]
     WriterGone,
 }
@@ -40,15 +42,21 @@ pub struct Buffer {
 /// Opens the buffer file and starts its writer.
 pub fn open(config: &Config) -> Result<Buffer, BufferError> {
     let path = config.buffer.path.clone();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     let conn = store::open_writer(&path, config.buffer.synchronous)?;
     let names: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
     let stream_ids = store::stream_ids(&conn, &names)?;
-    for (name, count) in store::orphaned(&conn, &stream_ids)? {
+    for name in store::unknown_streams(&conn, &stream_ids)? {
         warn!(
             stream = %name,
-            records = count,
-            "buffer holds records of a stream that is no longer configured; they will not be delivered"
+            "stream is no longer configured: records of it still buffered will not be delivered"
         );
+    }
+    let dest_names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    if store::forget_destinations_except(&conn, &dest_names)? > 0 {
+        info!("forgot the delivery positions of destinations no longer configured");
     }
     let mut states = Vec::new();
     let mut slots = Vec::new();
@@ -60,33 +68,17 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         });
         states.push(state);
     }
-    let readers: Vec<Vec<usize>> = config
-        .streams
-        .iter()
-        .map(|s| {
-            config
-                .destinations
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| s.destinations.contains(&d.name))
-                .map(|(i, _)| i)
-                .collect()
-        })
-        .collect();
     let (committed_tx, committed) = watch::channel(Committed::default());
     let writer = Writer::new(
         conn,
         config.buffer.clone(),
         stream_ids.clone(),
-        readers,
         slots,
         committed_tx,
     )?;
     let (ingest, ingest_rx) = mpsc::channel(writer::INGEST_CHANNEL_CAPACITY);
     let (control, control_rx) = mpsc::channel(writer::CONTROL_CHANNEL_CAPACITY);
-    let writer = writer
-        .spawn(ingest_rx, control_rx)
-        .map_err(|e| BufferError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+    let writer = writer.spawn(ingest_rx, control_rx)?;
     Ok(Buffer {
         path,
         stream_ids,

@@ -1,6 +1,11 @@
 //! The SQLite file: schema, pragmas, and the queries both the writer and the destinations' readers
 //! run. Only [`super::writer`] writes; destinations read through their own connections (WAL lets
 //! readers and the one writer proceed together).
+//!
+//! Records live in segments: tables `seg_<n>` holding consecutive record ids, listed in
+//! `segments`. Appending goes to the newest segment; a segment is dropped whole once every
+//! destination has delivered past its last id. Dropping a table frees its pages without the
+//! per-row work (and page rewrites) that deleting rows would cost.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -10,14 +15,11 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::config::Synchronous;
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS records (
-    id            INTEGER PRIMARY KEY,
-    stream        INTEGER NOT NULL,
-    arrival_ms    INTEGER NOT NULL,
-    topic         TEXT    NOT NULL,
-    client_id     TEXT,
-    partition_key TEXT    NOT NULL,
-    payload       BLOB    NOT NULL
+CREATE TABLE IF NOT EXISTS segments (
+    seq      INTEGER PRIMARY KEY,
+    first_id INTEGER NOT NULL,
+    last_id  INTEGER NOT NULL,
+    records  INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS streams (
     id   INTEGER PRIMARY KEY,
@@ -33,19 +35,11 @@ CREATE TABLE IF NOT EXISTS destinations (
 );
 ";
 
-/// The byte count a stored row holds against `buffer.max_size`; keep in step with
-/// [`crate::message::NewRecord::accounted_bytes`].
-pub const ACCOUNTED_BYTES_SQL: &str = "length(payload) + length(topic) + length(partition_key) \
-     + coalesce(length(client_id), 0) + 32";
+/// SQLite's page cache per connection, in KiB (negative `cache_size` means KiB).
+const CACHE_KIB: i64 = 4096;
 
 /// Opens (creating if needed) the buffer for writing.
 pub fn open_writer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        }
-    }
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -57,6 +51,7 @@ pub fn open_writer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connectio
             Synchronous::Normal => "NORMAL",
         },
     )?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
 }
@@ -89,23 +84,15 @@ pub fn stream_ids(conn: &Connection, names: &[String]) -> rusqlite::Result<Vec<i
         .collect()
 }
 
-/// Records held for streams the config no longer names: nobody will deliver them.
-pub fn orphaned(conn: &Connection, known: &[i64]) -> rusqlite::Result<Vec<(String, u64)>> {
-    let mut stmt = conn.prepare(
-        "SELECT s.id, s.name, count(*) FROM records r JOIN streams s ON s.id = r.stream GROUP BY s.id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, u64>(2)?,
-        ))
-    })?;
+/// Names of streams the file knows but the config no longer has.
+pub fn unknown_streams(conn: &Connection, known: &[i64]) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT id, name FROM streams")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, name, count) = row?;
+        let (id, name) = row?;
         if !known.contains(&id) {
-            out.push((name, count));
+            out.push(name);
         }
     }
     Ok(out)
@@ -147,6 +134,7 @@ pub fn destination_state(
         .optional()?;
     match row {
         None => {
+            // A new destination starts with whatever is still buffered.
             conn.execute(
                 "INSERT INTO destinations(name, delivered_id, fingerprint, version)
                  VALUES (?1, 0, ?2, 1)",
@@ -175,6 +163,19 @@ pub fn destination_state(
     }
 }
 
+/// Destinations in the file that the config no longer has: they must not hold back deletion.
+pub fn forget_destinations_except(conn: &Connection, keep: &[String]) -> rusqlite::Result<usize> {
+    let mut stmt = conn.prepare("SELECT name FROM destinations")?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut n = 0;
+    for name in names.iter().filter(|n| !keep.contains(n)) {
+        n += conn.execute("DELETE FROM destinations WHERE name = ?1", params![name])?;
+    }
+    Ok(n)
+}
+
 pub fn set_intent(conn: &Connection, name: &str, last: i64, key: &str) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE destinations SET intent_last = ?2, intent_key = ?3 WHERE name = ?1",
@@ -192,52 +193,93 @@ pub fn set_delivered(conn: &Connection, name: &str, last: i64) -> rusqlite::Resu
     Ok(())
 }
 
-/// Records and accounted bytes held, for the buffer bound.
-pub fn usage(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+/// One segment: the records with ids `first_id..=last_id` (none yet when `last_id < first_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub seq: i64,
+    pub first_id: i64,
+    pub last_id: i64,
+    pub records: u64,
+}
+
+impl Segment {
+    pub fn table(&self) -> String {
+        table(self.seq)
+    }
+}
+
+fn table(seq: i64) -> String {
+    format!("seg_{seq}")
+}
+
+/// All segments, oldest first.
+pub fn segments(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT seq, first_id, last_id, records FROM segments ORDER BY seq")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Segment {
+            seq: r.get(0)?,
+            first_id: r.get(1)?,
+            last_id: r.get(2)?,
+            records: r.get(3)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Creates an empty segment whose first record will get `first_id`.
+pub fn create_segment(conn: &Connection, seq: i64, first_id: i64) -> rusqlite::Result<Segment> {
+    conn.execute_batch(&format!(
+        "CREATE TABLE {} (
+            id            INTEGER PRIMARY KEY,
+            stream        INTEGER NOT NULL,
+            arrival_ms    INTEGER NOT NULL,
+            topic         TEXT    NOT NULL,
+            client_id     TEXT,
+            partition_key TEXT    NOT NULL,
+            payload       BLOB    NOT NULL
+        )",
+        table(seq)
+    ))?;
+    conn.execute(
+        "INSERT INTO segments(seq, first_id, last_id, records) VALUES (?1, ?2, ?3, 0)",
+        params![seq, first_id, first_id - 1],
+    )?;
+    Ok(Segment {
+        seq,
+        first_id,
+        last_id: first_id - 1,
+        records: 0,
+    })
+}
+
+pub fn update_segment(conn: &Connection, s: &Segment) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE segments SET last_id = ?2, records = ?3 WHERE seq = ?1")?
+        .execute(params![s.seq, s.last_id, s.records])?;
+    Ok(())
+}
+
+pub fn drop_segment(conn: &Connection, seq: i64) -> rusqlite::Result<()> {
+    conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", table(seq)))?;
+    conn.execute("DELETE FROM segments WHERE seq = ?1", params![seq])?;
+    Ok(())
+}
+
+/// Records of a segment after `after` (what dropping it early would lose).
+pub fn count_after(conn: &Connection, seq: i64, after: i64) -> rusqlite::Result<u64> {
     conn.query_row(
-        &format!("SELECT count(*), coalesce(sum({ACCOUNTED_BYTES_SQL}), 0) FROM records"),
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        &format!("SELECT count(*) FROM {} WHERE id > ?1", table(seq)),
+        params![after],
+        |r| r.get(0),
     )
 }
 
-pub fn max_id(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT coalesce(max(id), 0) FROM records", [], |r| r.get(0))
-}
-
-/// Deletes one stream's records in `(after, up_to]`; returns (records, accounted bytes) freed.
-pub fn delete_range(
-    conn: &Connection,
-    stream: i64,
-    after: i64,
-    up_to: i64,
-) -> rusqlite::Result<(u64, u64)> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "DELETE FROM records WHERE id > ?1 AND id <= ?2 AND stream = ?3
-         RETURNING {ACCOUNTED_BYTES_SQL}"
-    ))?;
-    let freed = sum_rows(stmt.query(params![after, up_to, stream])?)?;
-    Ok(freed)
-}
-
-/// Deletes up to `limit` of the oldest records, whatever their stream (the `drop_oldest`
-/// policy); returns (records, accounted bytes) freed.
-pub fn delete_oldest(conn: &Connection, limit: u64) -> rusqlite::Result<(u64, u64)> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "DELETE FROM records WHERE id IN (SELECT id FROM records ORDER BY id LIMIT ?1)
-         RETURNING {ACCOUNTED_BYTES_SQL}"
-    ))?;
-    let freed = sum_rows(stmt.query(params![limit])?)?;
-    Ok(freed)
-}
-
-fn sum_rows(mut rows: rusqlite::Rows<'_>) -> rusqlite::Result<(u64, u64)> {
-    let (mut n, mut bytes) = (0u64, 0u64);
-    while let Some(row) = rows.next()? {
-        n += 1;
-        bytes += row.get::<_, u64>(0)?;
-    }
-    Ok((n, bytes))
+/// Bytes of the file in use (pages not on the free list): what `buffer.max_size` bounds.
+pub fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pages: u64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: u64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(pages.saturating_sub(free) * size)
 }
 
 /// One buffered record as a destination reads it.
@@ -248,7 +290,8 @@ pub struct RowRef<'a> {
 }
 
 /// Visits, in id order, the records of `streams` with `after < id <= until` (no upper bound
-/// when `until` is None), until `visit` breaks. Returns the number visited.
+/// when `until` is None), until `visit` breaks. Reads one consistent snapshot. Returns the
+/// number visited.
 pub fn scan(
     conn: &Connection,
     streams: &[i64],
@@ -256,48 +299,51 @@ pub fn scan(
     until: Option<i64>,
     mut visit: impl FnMut(RowRef<'_>) -> ControlFlow<()>,
 ) -> rusqlite::Result<u64> {
+    let until = until.unwrap_or(i64::MAX);
     let list = streams
         .iter()
         .map(|s| s.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT id, arrival_ms, payload FROM records
-         WHERE id > ?1 AND id <= ?2 AND stream IN ({list}) ORDER BY id"
-    ))?;
-    let mut rows = stmt.query(params![after, until.unwrap_or(i64::MAX)])?;
+    let tx = conn.unchecked_transaction()?;
     let mut n = 0;
-    while let Some(row) = rows.next()? {
-        let payload = row.get_ref(2)?.as_blob()?;
-        n += 1;
-        let flow = visit(RowRef {
-            id: row.get(0)?,
-            arrival_ms: row.get(1)?,
-            payload,
-        });
-        if flow.is_break() {
-            break;
+    'segments: for seg in segments(&tx)? {
+        if seg.last_id <= after || seg.first_id > until {
+            continue;
+        }
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT id, arrival_ms, payload FROM {}
+             WHERE id > ?1 AND id <= ?2 AND stream IN ({list}) ORDER BY id",
+            seg.table()
+        ))?;
+        let mut rows = stmt.query(params![after, until])?;
+        while let Some(row) = rows.next()? {
+            let payload = row.get_ref(2)?.as_blob()?;
+            n += 1;
+            let flow = visit(RowRef {
+                id: row.get(0)?,
+                arrival_ms: row.get(1)?,
+                payload,
+            });
+            if flow.is_break() {
+                break 'segments;
+            }
         }
     }
+    tx.finish()?;
     Ok(n)
 }
 
-/// What is pending for `streams` after `after`: (records, payload bytes, oldest arrival).
-pub fn pending(
-    conn: &Connection,
-    streams: &[i64],
-    after: i64,
-) -> rusqlite::Result<(u64, u64, Option<i64>)> {
+/// What is pending for `streams` after `after`: (records, payload bytes).
+pub fn pending(conn: &Connection, streams: &[i64], after: i64) -> rusqlite::Result<(u64, u64)> {
     let mut n = 0;
     let mut bytes = 0;
-    let mut oldest = None;
     scan(conn, streams, after, None, |row| {
         n += 1;
         bytes += row.payload.len() as u64;
-        oldest.get_or_insert(row.arrival_ms);
         ControlFlow::Continue(())
     })?;
-    Ok((n, bytes, oldest))
+    Ok((n, bytes))
 }
 
 /// Arrival time of the first record of `streams` after `after`.
@@ -318,10 +364,15 @@ pub fn oldest_arrival(
 mod tests {
     use super::*;
 
-    #[test]
-    fn version_rises_when_the_fingerprint_changes() {
+    fn db() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_writer(&dir.path().join("b.db"), Synchronous::Full).unwrap();
+        (dir, conn)
+    }
+
+    #[test]
+    fn version_rises_when_the_fingerprint_changes() {
+        let (_dir, conn) = db();
         let s = destination_state(&conn, "d", "a").unwrap();
         assert_eq!((s.delivered_id, s.version, s.intent), (0, 1, None));
         assert_eq!(destination_state(&conn, "d", "a").unwrap().version, 1);
@@ -338,13 +389,56 @@ mod tests {
 
     #[test]
     fn stream_ids_are_stable() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open_writer(&dir.path().join("b.db"), Synchronous::Full).unwrap();
+        let (_dir, conn) = db();
         let a = stream_ids(&conn, &["x".into(), "y".into()]).unwrap();
         let b = stream_ids(&conn, &["y".into(), "z".into(), "x".into()]).unwrap();
         assert_eq!(a[0], b[2]);
         assert_eq!(a[1], b[0]);
         assert_ne!(b[1], a[0]);
         assert_ne!(b[1], a[1]);
+        assert_eq!(unknown_streams(&conn, &[b[0], b[1]]).unwrap(), ["x"]);
+    }
+
+    #[test]
+    fn scan_crosses_segments_in_id_order_and_filters_streams() {
+        let (_dir, conn) = db();
+        let mut id = 1;
+        for seq in 1..=3 {
+            let mut seg = create_segment(&conn, seq, id).unwrap();
+            for _ in 0..4 {
+                conn.execute(
+                    &format!(
+                        "INSERT INTO {} VALUES (?1, ?2, ?3, 't', NULL, 'k', ?4)",
+                        seg.table()
+                    ),
+                    params![id, id % 2, id * 10, id.to_string().into_bytes()],
+                )
+                .unwrap();
+                seg.last_id = id;
+                seg.records += 1;
+                id += 1;
+            }
+            update_segment(&conn, &seg).unwrap();
+        }
+        let mut seen = Vec::new();
+        scan(&conn, &[0], 2, Some(11), |r| {
+            seen.push((
+                r.id,
+                r.arrival_ms,
+                String::from_utf8(r.payload.to_vec()).unwrap(),
+            ));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        let ids: Vec<i64> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(ids, [4, 6, 8, 10]);
+        assert_eq!(seen[0].1, 40);
+        assert_eq!(seen[0].2, "4");
+        assert_eq!(pending(&conn, &[0, 1], 6).unwrap().0, 6);
+        assert_eq!(oldest_arrival(&conn, &[1], 9).unwrap(), Some(110));
+        drop_segment(&conn, 1).unwrap();
+        assert_eq!(pending(&conn, &[0, 1], 0).unwrap().0, 8);
+        assert_eq!(segments(&conn).unwrap().len(), 2);
+        assert!(used_bytes(&conn).unwrap() > 0);
     }
 }

@@ -2,6 +2,7 @@
 //! and delivery positions. It runs on its own thread, so SQLite's blocking calls (and fsync)
 //! never stall the async runtime. Acks are completed only after the commit that holds them.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use rusqlite::{params, Connection};
@@ -9,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::store;
+use super::store::{self, Segment};
 use super::BufferError;
 use crate::config::{BufferConfig, WhenFull};
 use crate::message::{Ack, Envelope, Outcome};
@@ -20,8 +21,13 @@ use crate::routing::Reject;
 pub const INGEST_CHANNEL_CAPACITY: usize = 8192;
 /// Capacity of the destinations -> writer channel (each destination has one request in flight).
 pub const CONTROL_CHANNEL_CAPACITY: usize = 64;
-/// Rows deleted per step of the `drop_oldest` policy.
-const DROP_STEP: u64 = 256;
+/// Room kept under `buffer.max_size` for the pages a B-tree split may add beyond the estimate.
+const PAGE_SLACK: u64 = 2 * 4096;
+/// A segment takes at most this many records...
+const SEGMENT_MAX_RECORDS: u64 = 65_536;
+/// ...and at most this many bytes, or a sixteenth of the buffer bound if that is less, so that
+/// dropping delivered segments keeps the file near its live size.
+const SEGMENT_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What has been committed so far, published after every commit. Counters are cumulative since
 /// start, per stream (indexed as in the config), so each destination can tell how much is
@@ -65,12 +71,15 @@ pub struct Writer {
     config: BufferConfig,
     /// Config stream index -> stream id in the file.
     stream_ids: Vec<i64>,
-    /// Config stream index -> the destinations that read it.
-    readers: Vec<Vec<usize>>,
     destinations: Vec<DestinationSlot>,
-    /// Per stream: records up to here were deleted (or never existed).
-    deleted_up_to: Vec<i64>,
-    records: u64,
+    /// Oldest first; the last one is the active segment, the only one appended to.
+    segments: VecDeque<Segment>,
+    /// Accounted bytes appended to the active segment.
+    active_bytes: u64,
+    /// The INSERT statement for the active segment.
+    insert_sql: String,
+    segment_max_bytes: u64,
+    /// Bytes of the file in use, measured after the last commit.
     bytes: u64,
     committed: watch::Sender<Committed>,
 }
@@ -85,31 +94,68 @@ impl Writer {
         conn: Connection,
         config: BufferConfig,
         stream_ids: Vec<i64>,
-        readers: Vec<Vec<usize>>,
         destinations: Vec<DestinationSlot>,
         committed: watch::Sender<Committed>,
     ) -> Result<Self, BufferError> {
-        let (records, bytes) = store::usage(&conn)?;
-        let last_id = store::max_id(&conn)?;
+        let mut segments: VecDeque<Segment> = store::segments(&conn)?.into();
+        if segments.is_empty() {
+            segments.push_back(store::create_segment(&conn, 1, 1)?);
+        }
+        let last_id = segments.back().map_or(0, |s| s.last_id);
         let streams = stream_ids.len();
         committed.send_modify(|c| {
             c.last_id = last_id;
             c.records = vec![0; streams];
             c.payload_bytes = vec![0; streams];
         });
-        let w = Self {
+        let mut w = Self {
+            insert_sql: insert_sql(segments.back().expect("created above")),
+            bytes: store::used_bytes(&conn)?,
             conn,
+            segment_max_bytes: (config.max_size / 16).clamp(64 * 1024, SEGMENT_MAX_BYTES),
             config,
-            deleted_up_to: vec![0; streams],
             stream_ids,
-            readers,
             destinations,
-            records,
-            bytes,
+            segments,
+            active_bytes: 0,
             committed,
         };
+        // What every destination already has may be dropped now.
+        w.execute_in_transaction(|w| w.drop_delivered_segments())?;
         w.publish_usage();
         Ok(w)
+    }
+
+    fn records(&self) -> u64 {
+        self.segments.iter().map(|s| s.records).sum()
+    }
+
+    fn active(&mut self) -> &mut Segment {
+        self.segments
+            .back_mut()
+            .expect("there is always an active segment")
+    }
+
+    fn execute_in_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, BufferError>,
+    ) -> Result<T, BufferError> {
+        self.conn.execute_batch("BEGIN")?;
+        let segments = self.segments.clone();
+        match f(self).and_then(|t| {
+            self.conn.execute_batch("COMMIT")?;
+            Ok(t)
+        }) {
+            Ok(t) => {
+                self.bytes = store::used_bytes(&self.conn)?;
+                Ok(t)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.segments = segments;
+                Err(e)
+            }
+        }
     }
 
     /// Runs the writer on a thread of its own until both channels are closed.
@@ -199,7 +245,11 @@ impl Writer {
         {
             warn!(error = %e, "final WAL checkpoint failed (harmless: the WAL is replayed at start)");
         }
-        info!(records = self.records, bytes = self.bytes, "buffer closed");
+        info!(
+            records = self.records(),
+            bytes = self.bytes,
+            "buffer closed"
+        );
     }
 
     /// Commits `first` and whatever else arrives within the commit interval, up to the
@@ -211,24 +261,22 @@ impl Writer {
         held: &mut Option<Envelope>,
     ) -> bool {
         let deadline = Instant::now() + self.config.commit_interval;
-        let before = (self.records, self.bytes);
         let streams = self.stream_ids.len();
-        let mut added_records = vec![0u64; streams];
-        let mut added_bytes = vec![0u64; streams];
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut dropped = 0u64;
+        let mut g = Group {
+            added_records: vec![0u64; streams],
+            added_bytes: vec![0u64; streams],
+            txn_bytes: 0,
+            pending: Vec::new(),
+            dropped: 0,
+        };
+        let saved_segments = self.segments.clone();
+        let saved_active_bytes = self.active_bytes;
         let mut open = true;
         let mut count = 0usize;
 
-        let result: Result<i64, BufferError> = async {
+        let result: Result<(), BufferError> = async {
             self.conn.execute_batch("BEGIN")?;
-            count += self.admit(
-                first,
-                &mut pending,
-                &mut added_records,
-                &mut added_bytes,
-                &mut dropped,
-            )?;
+            count += self.admit(first, &mut g)?;
             while count < self.config.commit_max_records {
                 let next = match ingest.try_recv() {
                     Ok(env) => env,
@@ -247,44 +295,42 @@ impl Writer {
                         }
                     }
                 };
-                if self.config.when_full == WhenFull::Block && !self.fits(&next) {
+                if self.config.when_full == WhenFull::Block && !self.fits(&mut g, need(&next))? {
                     *held = Some(next);
                     break;
                 }
-                count += self.admit(
-                    next,
-                    &mut pending,
-                    &mut added_records,
-                    &mut added_bytes,
-                    &mut dropped,
-                )?;
+                count += self.admit(next, &mut g)?;
             }
+            let active = *self.active();
+            store::update_segment(&self.conn, &active)?;
             self.conn.execute_batch("COMMIT")?;
-            Ok(self.conn.last_insert_rowid())
+            self.bytes = store::used_bytes(&self.conn)?;
+            Ok(())
         }
         .await;
 
         match result {
-            Ok(last_id) => {
-                let records: u64 = added_records.iter().sum();
+            Ok(()) => {
+                let records: u64 = g.added_records.iter().sum();
                 metrics::counter!(m::COMMITTED).increment(records);
                 metrics::counter!(m::COMMITS).increment(1);
-                if dropped > 0 {
-                    metrics::counter!(m::BUFFER_DROPPED).increment(dropped);
+                if g.dropped > 0 {
+                    metrics::counter!(m::BUFFER_DROPPED).increment(g.dropped);
                     error!(
-                        dropped,
-                        "buffer full: deleted the oldest undelivered records (when_full = \"drop_oldest\")"
+                        dropped = g.dropped,
+                        "buffer full: dropped the oldest undelivered records (when_full = \"drop_oldest\")"
                     );
                 }
                 self.publish_usage();
+                let last_id = self.segments.back().map_or(0, |s| s.last_id);
                 self.committed.send_modify(|c| {
-                    c.last_id = c.last_id.max(last_id);
+                    c.last_id = last_id;
                     for s in 0..streams {
-                        c.records[s] += added_records[s];
-                        c.payload_bytes[s] += added_bytes[s];
+                        c.records[s] += g.added_records[s];
+                        c.payload_bytes[s] += g.added_bytes[s];
                     }
                 });
-                for p in pending {
+                for p in g.pending {
                     if let Outcome::Rejected(reason) = p.outcome {
                         metrics::counter!(m::REJECTED, "reason" => reason.label()).increment(1);
                     }
@@ -293,15 +339,17 @@ impl Writer {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                (self.records, self.bytes) = before;
+                self.segments = saved_segments;
+                self.active_bytes = saved_active_bytes;
+                self.bytes = store::used_bytes(&self.conn).unwrap_or(self.bytes);
                 error!(
                     error = %e,
-                    messages = pending.len(),
+                    messages = g.pending.len(),
                     "buffer commit failed: these messages are not stored and not acknowledged"
                 );
                 metrics::counter!(m::REJECTED, "reason" => "storage_error")
-                    .increment(pending.len() as u64);
-                drop(pending);
+                    .increment(g.pending.len() as u64);
+                drop(g.pending);
                 // Do not spin on a failing disk.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -309,27 +357,12 @@ impl Writer {
         open
     }
 
-    fn fits(&self, env: &Envelope) -> bool {
-        let need: u64 = match &env.records {
-            Ok(records) => records.iter().map(|r| r.accounted_bytes()).sum(),
-            Err(_) => 0,
-        };
-        self.bytes + need <= self.config.max_size
-    }
-
     /// Inserts one envelope's records inside the open transaction; returns how many.
-    fn admit(
-        &mut self,
-        env: Envelope,
-        pending: &mut Vec<Pending>,
-        added_records: &mut [u64],
-        added_bytes: &mut [u64],
-        dropped: &mut u64,
-    ) -> Result<usize, BufferError> {
+    fn admit(&mut self, env: Envelope, g: &mut Group) -> Result<usize, BufferError> {
         let records = match env.records {
             Ok(records) => records,
             Err(reason) => {
-                pending.push(Pending {
+                g.pending.push(Pending {
                     ack: env.ack,
                     outcome: Outcome::Rejected(reason),
                 });
@@ -337,53 +370,113 @@ impl Writer {
             }
         };
         let need: u64 = records.iter().map(|r| r.accounted_bytes()).sum();
-        if self.bytes + need > self.config.max_size {
+        if !self.fits(g, need)? {
             match self.config.when_full {
                 WhenFull::RejectNew => {
-                    pending.push(Pending {
+                    g.pending.push(Pending {
                         ack: env.ack,
                         outcome: Outcome::Rejected(Reject::BufferFull),
                     });
                     return Ok(0);
                 }
                 WhenFull::DropOldest => {
-                    while self.bytes + need > self.config.max_size && self.records > 0 {
-                        let (n, b) = store::delete_oldest(&self.conn, DROP_STEP)?;
-                        if n == 0 {
-                            break;
-                        }
-                        self.records -= n;
-                        self.bytes = self.bytes.saturating_sub(b);
-                        *dropped += n;
+                    while self.segments.len() > 1 && !self.fits(g, need)? {
+                        g.dropped += self.drop_oldest_segment()?;
                     }
                 }
                 WhenFull::Block => {}
             }
         }
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO records(stream, arrival_ms, topic, client_id, partition_key, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
         let n = records.len();
         for r in &records {
-            stmt.execute(params![
-                self.stream_ids[r.stream],
-                r.arrival_ms,
-                r.topic,
-                r.client_id,
-                r.partition_key,
-                r.payload
-            ])?;
-            added_records[r.stream] += 1;
-            added_bytes[r.stream] += r.payload.len() as u64;
+            if self.active().records >= SEGMENT_MAX_RECORDS
+                || self.active_bytes >= self.segment_max_bytes
+            {
+                self.rotate()?;
+            }
+            let id = self.active().last_id + 1;
+            self.conn
+                .prepare_cached(&self.insert_sql)?
+                .execute(params![
+                    id,
+                    self.stream_ids[r.stream],
+                    r.arrival_ms,
+                    r.topic,
+                    r.client_id,
+                    r.partition_key,
+                    r.payload
+                ])?;
+            let active = self.active();
+            active.last_id = id;
+            active.records += 1;
+            self.active_bytes += r.accounted_bytes();
+            g.added_records[r.stream] += 1;
+            g.added_bytes[r.stream] += r.payload.len() as u64;
         }
-        self.records += n as u64;
-        self.bytes += need;
-        pending.push(Pending {
+        g.txn_bytes += need;
+        g.pending.push(Pending {
             ack: env.ack,
             outcome: Outcome::Committed,
         });
         Ok(n)
+    }
+
+    /// Whether `need` more bytes fit under the bound. Away from the bound an estimate does;
+    /// near it, the file's pages are counted (inside the transaction, so they include it).
+    fn fits(&mut self, g: &mut Group, need: u64) -> Result<bool, BufferError> {
+        let limit = self.config.max_size.saturating_sub(PAGE_SLACK);
+        if self.bytes + g.txn_bytes + need <= limit - limit / 8 {
+            return Ok(true);
+        }
+        self.bytes = store::used_bytes(&self.conn)?;
+        g.txn_bytes = 0;
+        Ok(self.bytes + need <= limit)
+    }
+
+    /// Closes the active segment and starts the next (inside the open transaction).
+    fn rotate(&mut self) -> Result<(), BufferError> {
+        let active = *self.active();
+        store::update_segment(&self.conn, &active)?;
+        let next = store::create_segment(&self.conn, active.seq + 1, active.last_id + 1)?;
+        self.insert_sql = insert_sql(&next);
+        self.segments.push_back(next);
+        self.active_bytes = 0;
+        Ok(())
+    }
+
+    /// Drops the oldest closed segment (`drop_oldest`); returns the undelivered records it held.
+    fn drop_oldest_segment(&mut self) -> Result<u64, BufferError> {
+        let Some(oldest) = self.segments.pop_front() else {
+            return Ok(0);
+        };
+        let everyone_has = self.everyone_has();
+        let lost = if oldest.last_id <= everyone_has {
+            0
+        } else {
+            store::count_after(&self.conn, oldest.seq, everyone_has)?
+        };
+        store::drop_segment(&self.conn, oldest.seq)?;
+        Ok(lost)
+    }
+
+    /// The id up to which every destination has delivered.
+    fn everyone_has(&self) -> i64 {
+        self.destinations
+            .iter()
+            .map(|d| d.delivered_id)
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    /// Drops the closed segments every destination is done with.
+    fn drop_delivered_segments(&mut self) -> Result<(), BufferError> {
+        let everyone_has = self.everyone_has();
+        while self.segments.len() > 1 && self.segments[0].last_id <= everyone_has {
+            let seq = self.segments[0].seq;
+            store::drop_segment(&self.conn, seq)?;
+            self.segments.pop_front();
+        }
+        Ok(())
     }
 
     fn control(&mut self, c: Control) {
@@ -403,74 +496,48 @@ impl Writer {
                 last_id,
                 done,
             } => {
-                let r = self.delivered(dest, last_id);
+                let before = self.destinations[dest].delivered_id;
+                let r = self.execute_in_transaction(|w| {
+                    store::set_delivered(&w.conn, &w.destinations[dest].name, last_id)?;
+                    w.destinations[dest].delivered_id = last_id;
+                    w.drop_delivered_segments()
+                });
+                if r.is_err() {
+                    self.destinations[dest].delivered_id = before;
+                }
+                self.publish_usage();
                 let _ = done.send(r);
             }
         }
     }
 
-    /// Moves a destination's position and deletes what every reader of a stream now holds.
-    fn delivered(&mut self, dest: usize, last_id: i64) -> Result<(), BufferError> {
-        self.conn.execute_batch("BEGIN")?;
-        let result = (|| {
-            store::set_delivered(&self.conn, &self.destinations[dest].name, last_id)?;
-            let mut freed = (0u64, 0u64);
-            for (stream, readers) in self.readers.iter().enumerate() {
-                if !readers.contains(&dest) {
-                    continue;
-                }
-                let everyone_has = readers
-                    .iter()
-                    .map(|&d| {
-                        if d == dest {
-                            last_id
-                        } else {
-                            self.destinations[d].delivered_id
-                        }
-                    })
-                    .min()
-                    .unwrap_or(0);
-                if everyone_has > self.deleted_up_to[stream] {
-                    let (n, b) = store::delete_range(
-                        &self.conn,
-                        self.stream_ids[stream],
-                        self.deleted_up_to[stream],
-                        everyone_has,
-                    )?;
-                    freed.0 += n;
-                    freed.1 += b;
-                }
-            }
-            Ok::<_, BufferError>(freed)
-        })();
-        match result.and_then(|freed| {
-            self.conn.execute_batch("COMMIT")?;
-            Ok(freed)
-        }) {
-            Ok((n, b)) => {
-                self.destinations[dest].delivered_id = last_id;
-                for (stream, readers) in self.readers.iter().enumerate() {
-                    let everyone_has = readers
-                        .iter()
-                        .map(|&d| self.destinations[d].delivered_id)
-                        .min()
-                        .unwrap_or(0);
-                    self.deleted_up_to[stream] = self.deleted_up_to[stream].max(everyone_has);
-                }
-                self.records = self.records.saturating_sub(n);
-                self.bytes = self.bytes.saturating_sub(b);
-                self.publish_usage();
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
-    }
-
     fn publish_usage(&self) {
-        metrics::gauge!(m::BUFFER_RECORDS).set(self.records as f64);
+        metrics::gauge!(m::BUFFER_RECORDS).set(self.records() as f64);
         metrics::gauge!(m::BUFFER_BYTES).set(self.bytes as f64);
+    }
+}
+
+/// The state of one group commit.
+struct Group {
+    added_records: Vec<u64>,
+    added_bytes: Vec<u64>,
+    /// Accounted bytes this transaction added, on top of the last measured use.
+    txn_bytes: u64,
+    pending: Vec<Pending>,
+    dropped: u64,
+}
+
+fn insert_sql(segment: &Segment) -> String {
+    format!(
+        "INSERT INTO {}(id, stream, arrival_ms, topic, client_id, partition_key, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        segment.table()
+    )
+}
+
+fn need(env: &Envelope) -> u64 {
+    match &env.records {
+        Ok(records) => records.iter().map(|r| r.accounted_bytes()).sum(),
+        Err(_) => 0,
     }
 }
