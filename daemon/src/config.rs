@@ -749,6 +749,10 @@ impl RawDestination {
         )?;
         let prefix = PrefixTemplate::parse(self.prefix.as_deref().unwrap_or(""))
             .map_err(|p| ConfigError::new(format!("{key}.prefix"), p))?;
+        // Timestamps and random strings have fixed widths, so one evaluation tells the length.
+        prefix
+            .evaluate(chrono::DateTime::UNIX_EPOCH, "xxxxxxxxxxx")
+            .map_err(|e| ConfigError::new(format!("{key}.prefix"), e.to_string()))?;
         let delivery_stream = self.delivery_stream.unwrap_or_else(|| name.to_string());
         valid_name(&format!("{key}.delivery_stream"), &delivery_stream)?;
         let extension = match self.file_extension {
@@ -912,6 +916,16 @@ mod tests {
     fn bad_bucket_is_named() {
         let e = err(&MINIMAL.replace("bucket = \"telemetry\"", "bucket = \"Not_A_Bucket\""));
         assert_eq!(e.key, "destinations.local.bucket");
+    }
+
+    #[test]
+    fn overlong_prefix_is_named() {
+        let e = err(&MINIMAL.replace(
+            "type = \"file\"",
+            &format!("type = \"file\"\nprefix = \"{}/\"", "p".repeat(600)),
+        ));
+        assert_eq!(e.key, "destinations.local.prefix");
+        assert!(e.problem.contains("512"), "{e}");
     }
 
     #[test]

@@ -89,3 +89,236 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         writer,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::message::{Ack, NewRecord, Outcome};
+    use crate::routing::Reject;
+
+    fn config(dir: &std::path::Path, extra: &str) -> Config {
+        crate::config::parse(&format!(
+            r#"
+            [buffer]
+            path = "{}/b.db"
+            commit_interval = "1ms"
+            {extra}
+            [streams.a]
+            topics = ["a/#"]
+            destinations = ["d1", "d2"]
+            [streams.b]
+            topics = ["b/#"]
+            destinations = ["d2"]
+            [destinations.d1]
+            type = "file"
+            root = "out"
+            bucket = "one"
+            [destinations.d2]
+            type = "file"
+            root = "out"
+            bucket = "two"
+            "#,
+            dir.display()
+        ))
+        .unwrap()
+    }
+
+    fn record(stream: usize, n: usize, size: usize) -> NewRecord {
+        NewRecord {
+            stream,
+            arrival_ms: n as i64,
+            topic: "a/x".into(),
+            client_id: None,
+            partition_key: "x".into(),
+            payload: vec![b'x'; size],
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<(usize, Outcome)>>>;
+
+    fn envelope(log: &Log, n: usize, records: Result<Vec<NewRecord>, Reject>) -> Envelope {
+        let log = Arc::clone(log);
+        Envelope {
+            records,
+            ack: Ack::new(move |o| log.lock().unwrap().push((n, o))),
+        }
+    }
+
+    async fn delivered(b: &Buffer, dest: usize, last_id: i64) {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        b.control
+            .send(Control::Delivered {
+                dest,
+                last_id,
+                done,
+            })
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    fn close(b: Buffer) {
+        drop(b.ingest);
+        drop(b.control);
+        b.writer.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn acks_complete_after_the_commit_in_arrival_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&config(dir.path(), "")).unwrap();
+        let log: Log = Default::default();
+        for n in 0..100 {
+            let records = if n % 10 == 3 {
+                Err(Reject::MalformedPayload)
+            } else {
+                Ok(vec![record(n % 2, n, 10)])
+            };
+            b.ingest.send(envelope(&log, n, records)).await.unwrap();
+        }
+        let mut committed = b.committed.clone();
+        committed
+            .wait_for(|c| c.records.iter().sum::<u64>() == 90)
+            .await
+            .unwrap();
+        // Acks are completed right after the commit's watch update; wait for the last one.
+        while log.lock().unwrap().len() < 100 {
+            tokio::task::yield_now().await;
+        }
+        let log = log.lock().unwrap();
+        assert_eq!(
+            log.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            (0..100).collect::<Vec<_>>()
+        );
+        for (n, o) in log.iter() {
+            let want = if n % 10 == 3 {
+                Outcome::Rejected(Reject::MalformedPayload)
+            } else {
+                Outcome::Committed
+            };
+            assert_eq!(*o, want, "message {n}");
+        }
+        // Everything acked as committed is in the file.
+        let conn = store::open_reader(&dir.path().join("b.db")).unwrap();
+        assert_eq!(store::pending(&conn, &b.stream_ids, 0).unwrap().0, 90);
+        close(b);
+    }
+
+    #[tokio::test]
+    async fn segments_go_once_every_destination_has_them_and_a_restart_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        // A 2MiB bound gives 128KiB segments: 1KiB records fill one every ~120 records.
+        let cfg = config(dir.path(), "max_size = \"2MiB\"");
+        let b = open(&cfg).unwrap();
+        let log: Log = Default::default();
+        for n in 0..1000 {
+            b.ingest
+                .send(envelope(&log, n, Ok(vec![record(0, n, 1000)])))
+                .await
+                .unwrap();
+        }
+        let mut committed = b.committed.clone();
+        committed.wait_for(|c| c.last_id == 1000).await.unwrap();
+        let path = dir.path().join("b.db");
+        let segments = || store::segments(&store::open_reader(&path).unwrap()).unwrap();
+        let before = segments().len();
+        assert!(before > 5, "{before} segments");
+        // One destination alone does not free anything.
+        delivered(&b, 0, 1000).await;
+        assert_eq!(segments().len(), before);
+        // Both have delivered up to 500: the segments entirely below go.
+        delivered(&b, 1, 500).await;
+        let after = segments();
+        assert!(after.len() < before);
+        assert!(
+            after[0].last_id > 500 && after[0].first_id <= 501,
+            "{after:?}"
+        );
+        close(b);
+
+        // A restart keeps the positions and what is left.
+        let b = open(&cfg).unwrap();
+        assert_eq!(b.destinations[0].delivered_id, 1000);
+        assert_eq!(b.destinations[1].delivered_id, 500);
+        assert_eq!(b.committed.borrow().last_id, 1000);
+        let conn = store::open_reader(&path).unwrap();
+        assert_eq!(store::pending(&conn, &b.stream_ids, 500).unwrap().0, 500);
+        close(b);
+    }
+
+    #[tokio::test]
+    async fn reject_new_refuses_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&config(
+            dir.path(),
+            "max_size = \"1MiB\"\nwhen_full = \"reject_new\"",
+        ))
+        .unwrap();
+        let log: Log = Default::default();
+        for n in 0..3000 {
+            b.ingest
+                .send(envelope(&log, n, Ok(vec![record(0, n, 1000)])))
+                .await
+                .unwrap();
+        }
+        while log.lock().unwrap().len() < 3000 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let log = log.lock().unwrap();
+        let first_rejected = log
+            .iter()
+            .position(|(_, o)| *o == Outcome::Rejected(Reject::BufferFull))
+            .expect("some were rejected");
+        assert!(first_rejected > 500, "rejected from {first_rejected} on");
+        // Once full, everything after is refused (nothing frees space).
+        assert!(log[first_rejected..]
+            .iter()
+            .all(|(_, o)| *o == Outcome::Rejected(Reject::BufferFull)));
+        let conn = store::open_reader(&dir.path().join("b.db")).unwrap();
+        assert!(store::used_bytes(&conn).unwrap() <= 1024 * 1024);
+        drop(log);
+        close(b);
+    }
+
+    #[tokio::test]
+    async fn block_waits_for_delivery_instead_of_refusing() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&config(dir.path(), "max_size = \"1MiB\"")).unwrap();
+        let log: Log = Default::default();
+        let sender = {
+            let ingest = b.ingest.clone();
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                for n in 0..3000 {
+                    ingest
+                        .send(envelope(&log, n, Ok(vec![record(0, n, 1000)])))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        // It stalls below 3000 until the destinations make room.
+        let mut committed = b.committed.clone();
+        let stalled = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            committed.wait_for(|c| c.last_id == 3000),
+        )
+        .await;
+        assert!(stalled.is_err(), "3000KB went into a 1MiB buffer");
+        let mut last = 0;
+        while last < 3000 {
+            last = b.committed.borrow().last_id;
+            delivered(&b, 0, last).await;
+            delivered(&b, 1, last).await;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        sender.await.unwrap();
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 3000);
+        assert!(log.iter().all(|(_, o)| *o == Outcome::Committed));
+        drop(log);
+        close(b);
+    }
+}
