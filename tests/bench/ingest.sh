@@ -6,6 +6,7 @@
 # rumqttd dropped before edgehose read it, and the daemon's peak RSS (VmHWM).
 #
 # Usage: tests/bench/ingest.sh [runs=3] [clients=100] [messages_per_client=5000] [qos=1]
+# rumqttd's in-memory log: LOG_SEGMENT_SIZE (default 32MiB) x LOG_SEGMENT_COUNT (default 8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}; clients=${2:-100}; per=${3:-5000}; qos=${4:-1}
@@ -24,8 +25,8 @@ for run in $(seq "$runs"); do
     cat > "$scratch/bench.toml" <<TOML
 [ingress.broker]
 listen = "127.0.0.1:$mqtt"
-log_segment_size = "32MiB"
-log_segment_count = 8
+log_segment_size = "${LOG_SEGMENT_SIZE:-32MiB}"
+log_segment_count = ${LOG_SEGMENT_COUNT:-8}
 [buffer]
 path = "$scratch/data/edgehose.db"
 [admin]
