@@ -82,6 +82,8 @@ pub struct Setup {
     /// Some((host, port)) for client mode against an external broker.
     pub client_of: Option<u16>,
     pub shutdown_timeout: &'static str,
+    /// rumqttd's in-memory log as (segment size, segment count), for the embedded broker.
+    pub broker_log: (&'static str, usize),
     /// The `file` destination's root, relative to the scratch directory unless absolute.
     pub root: &'static str,
     /// Extra TOML appended to the config.
@@ -98,6 +100,7 @@ impl Default for Setup {
             when_full: "block",
             client_of: None,
             shutdown_timeout: "20s",
+            broker_log: ("16MiB", 4),
             root: "out",
             extra: String::new(),
         }
@@ -124,7 +127,9 @@ impl Gateway {
         let admin_port = free_port();
         let ingress = match setup.client_of {
             None => format!(
-                "[ingress]\nmode = \"broker\"\n[ingress.broker]\nlisten = \"127.0.0.1:{mqtt_port}\"\n"
+                "[ingress]\nmode = \"broker\"\n[ingress.broker]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
+                 log_segment_size = \"{}\"\nlog_segment_count = {}\n",
+                setup.broker_log.0, setup.broker_log.1
             ),
             Some(port) => format!(
                 "[ingress]\nmode = \"client\"\n[ingress.client]\nhost = \"127.0.0.1\"\nport = {port}\n\

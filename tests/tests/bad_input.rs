@@ -243,3 +243,46 @@ fn an_unwritable_destination_keeps_the_data_buffered_and_counts_errors() {
     assert!(gw.terminate().unwrap().success());
     assert_eq!(buffered_records(&gw.db_path()), 100);
 }
+
+#[test]
+fn messages_rumqttd_drops_behind_a_blocked_buffer_are_counted() {
+    // A full buffer under `block` and a destination that flushes only every 3 s: ingress stops
+    // reading rumqttd, whose small log then overflows and drops what it already acknowledged.
+    // The drops show as gaps in rumqttd's log offsets once ingress reads again.
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        broker_log: ("64KiB", 2),
+        buffer_interval: "3s",
+        ..full_buffer_setup("block")
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let s = run_sim(gw.mqtt_port, &["-n", "4", "-m", "10000", "--rate", "0"]).unwrap();
+    let acked = s["acknowledged"].as_f64().unwrap();
+    assert_eq!(acked, 40_000.0);
+    // Every acknowledged message is either read off the link or counted as dropped.
+    let counted = wait_until(
+        Duration::from_secs(30),
+        "received + dropped = acknowledged",
+        || {
+            gw.metric("edgehose_messages_received_total")
+                + gw.metric("edgehose_broker_dropped_total")
+                == acked
+        },
+    );
+    if let Err(e) = counted {
+        panic!(
+            "{e}: received {} dropped {} committed {}",
+            gw.metric("edgehose_messages_received_total"),
+            gw.metric("edgehose_broker_dropped_total"),
+            gw.metric("edgehose_records_committed_total")
+        );
+    }
+    let gw_dropped = gw.metric("edgehose_broker_dropped_total");
+    assert!(gw_dropped > 0.0);
+    assert!(gw.metric("edgehose_buffer_full_waits_total") >= 1.0);
+    assert!(gw.log().contains("rumqttd dropped acknowledged messages"));
+    assert!(gw.terminate().unwrap().success());
+    // What was read off the link is delivered.
+    let delivered = device_seqs(&read_objects(&gw.bucket_dir()).unwrap()).len() as f64;
+    assert_eq!(delivered, acked - gw_dropped);
+}
