@@ -86,6 +86,8 @@ pub struct Setup {
     pub broker_log: (&'static str, usize),
     /// The `file` destination's root, relative to the scratch directory unless absolute.
     pub root: &'static str,
+    /// Also listen for MQTT 5 on this port.
+    pub listen_v5: Option<u16>,
     /// Extra TOML appended to the config.
     pub extra: String,
 }
@@ -101,6 +103,7 @@ impl Default for Setup {
             client_of: None,
             shutdown_timeout: "20s",
             broker_log: ("16MiB", 4),
+            listen_v5: None,
             root: "out",
             extra: String::new(),
         }
@@ -128,8 +131,13 @@ impl Gateway {
         let ingress = match setup.client_of {
             None => format!(
                 "[ingress]\nmode = \"broker\"\n[ingress.broker]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
-                 log_segment_size = \"{}\"\nlog_segment_count = {}\n",
-                setup.broker_log.0, setup.broker_log.1
+                 log_segment_size = \"{}\"\nlog_segment_count = {}\n{}",
+                setup.broker_log.0,
+                setup.broker_log.1,
+                setup
+                    .listen_v5
+                    .map(|p| format!("listen_v5 = \"127.0.0.1:{p}\"\n"))
+                    .unwrap_or_default()
             ),
             Some(port) => format!(
                 "[ingress]\nmode = \"client\"\n[ingress.client]\nhost = \"127.0.0.1\"\nport = {port}\n\

@@ -135,3 +135,53 @@ fn the_interval_flushes_without_shutdown() {
     );
     assert!(gw.terminate().unwrap().success());
 }
+
+#[test]
+fn mqtt_5_devices_are_taken_on_the_v5_listener() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let v5 = free_port();
+    let setup = Setup {
+        listen_v5: Some(v5),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let acked = rt.block_on(async {
+        let (client, mut eventloop) =
+            AsyncClient::new(MqttOptions::new("v5-dev", "127.0.0.1", v5), 16);
+        // Publish from a task: the event loop must be polled for the requests to go out.
+        tokio::spawn(async move {
+            for seq in 0..50 {
+                let payload = telemetry("v5-dev", seq);
+                if client
+                    .publish("sensors/v5-dev/telemetry", QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut acked = 0;
+        while acked < 50 {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        acked
+    });
+    assert_eq!(acked, 50);
+    assert!(gw.terminate().unwrap().success());
+    let seqs = device_seqs(&read_objects(&gw.bucket_dir()).unwrap());
+    assert_eq!(
+        seqs,
+        (0..50)
+            .map(|s| ("v5-dev".to_string(), s))
+            .collect::<Vec<_>>()
+    );
+}
