@@ -29,7 +29,10 @@ pub fn describe() {
     );
     describe_counter!(COMMITTED, "Records committed to the SQLite buffer");
     describe_counter!(COMMITS, "SQLite group commits");
-    describe_gauge!(BUFFER_RECORDS, "Records held in the buffer");
+    describe_gauge!(
+        BUFFER_RECORDS,
+        "Records in the buffer that some destination has not delivered yet"
+    );
     describe_gauge!(
         BUFFER_BYTES,
         Unit::Bytes,

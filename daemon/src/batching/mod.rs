@@ -17,7 +17,7 @@ use std::time::Duration;
 use rand::Rng;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::buffer::{store, BufferError, Committed, Control, DestinationState};
 use crate::config::DestinationConfig;
@@ -96,7 +96,7 @@ impl Destination {
         let reader = match store::open_reader(&self.buffer_path) {
             Ok(c) => Arc::new(Mutex::new(c)),
             Err(e) => {
-                warn!(destination = %self.config.name, error = %e, "cannot open the buffer for reading; destination stopped");
+                error!(destination = %self.config.name, error = %e, "cannot open the buffer for reading; this destination delivers nothing until restarted");
                 return;
             }
         };

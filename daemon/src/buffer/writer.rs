@@ -126,8 +126,20 @@ impl Writer {
         Ok(w)
     }
 
-    fn records(&self) -> u64 {
-        self.segments.iter().map(|s| s.records).sum()
+    /// Records some destination has not delivered yet. Ids are dense within a segment (segments
+    /// are only ever dropped whole), so this is exact.
+    fn undelivered(&self) -> u64 {
+        let everyone_has = self.everyone_has();
+        self.segments
+            .iter()
+            .map(|s| {
+                if s.first_id > everyone_has {
+                    s.records
+                } else {
+                    (s.last_id - everyone_has).max(0) as u64
+                }
+            })
+            .sum()
     }
 
     fn active(&mut self) -> &mut Segment {
@@ -512,7 +524,7 @@ impl Writer {
     }
 
     fn publish_usage(&self) {
-        metrics::gauge!(m::BUFFER_RECORDS).set(self.records() as f64);
+        metrics::gauge!(m::BUFFER_RECORDS).set(self.undelivered() as f64);
         metrics::gauge!(m::BUFFER_BYTES).set(self.bytes as f64);
     }
 }
