@@ -258,7 +258,7 @@ impl Writer {
             warn!(error = %e, "final WAL checkpoint failed (harmless: the WAL is replayed at start)");
         }
         info!(
-            records = self.records(),
+            undelivered = self.undelivered(),
             bytes = self.bytes,
             "buffer closed"
         );
