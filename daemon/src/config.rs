@@ -94,8 +94,20 @@ struct RawIngress {
     max_topic_length: Option<usize>,
     max_topic_levels: Option<usize>,
     #[serde(default)]
+    frontdoor: RawFrontDoor,
+    #[serde(default)]
     broker: RawBroker,
     client: Option<RawClient>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrontDoor {
+    listen: Option<String>,
+    max_connections: Option<usize>,
+    receive_maximum: Option<u16>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,10 +214,21 @@ pub struct Limits {
 
 #[derive(Debug, Clone)]
 pub enum IngressMode {
+    /// edgehose's own MQTT listener: PUBACK after the commit.
+    FrontDoor(FrontDoorConfig),
     /// The embedded rumqttd broker, read through a local link.
     Broker(BrokerConfig),
     /// A client of an external broker, acking QoS 1 after the commit.
     Client(ClientConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct FrontDoorConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    /// QoS 1 publishes a connection may have waiting for their commit (MQTT 5 Receive Maximum).
+    pub receive_maximum: u16,
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -434,12 +457,13 @@ impl RawConfig {
             let partition_key =
                 PartitionKeyTemplate::parse(raw.partition_key.as_deref().unwrap_or("${topic()}"))
                     .map_err(|p| ConfigError::new(format!("{key}.partition_key"), p))?;
-            if partition_key.uses_client_id() {
+            if partition_key.uses_client_id() && !matches!(ingress.mode, IngressMode::FrontDoor(_))
+            {
                 return Err(ConfigError::new(
                     format!("{key}.partition_key"),
-                    "${clientid()} needs the publisher's client id, which neither ingress mode \
-                     knows (rumqttd's local link and MQTT subscriptions do not carry it); use a \
-                     topic level such as ${topic(2)}",
+                    "${clientid()} needs the publisher's client id, which only \
+                     ingress.mode = \"frontdoor\" knows (rumqttd's local link and MQTT \
+                     subscriptions do not carry it); use a topic level such as ${topic(2)}",
                 ));
             }
             let payload_format = one_of(
@@ -516,7 +540,8 @@ impl RawIngress {
                 "must be at least 1",
             ));
         }
-        let mode = match self.mode.as_deref().unwrap_or("broker") {
+        let mode = match self.mode.as_deref().unwrap_or("frontdoor") {
+            "frontdoor" => IngressMode::FrontDoor(self.frontdoor.validate()?),
             "broker" => IngressMode::Broker(self.broker.validate()?),
             "client" => {
                 let Some(c) = self.client else {
@@ -530,11 +555,40 @@ impl RawIngress {
             other => {
                 return Err(ConfigError::new(
                     "ingress.mode",
-                    format!("{other:?} is not one of \"broker\", \"client\""),
+                    format!("{other:?} is not one of \"frontdoor\", \"broker\", \"client\""),
                 ))
             }
         };
         Ok(IngressConfig { mode, limits })
+    }
+}
+
+impl RawFrontDoor {
+    fn validate(self) -> Result<FrontDoorConfig, ConfigError> {
+        let listen = parse_addr(
+            "ingress.frontdoor.listen",
+            self.listen.as_deref().unwrap_or("127.0.0.1:1883"),
+        )?;
+        let max_connections = self.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(ConfigError::new(
+                "ingress.frontdoor.max_connections",
+                "must be at least 1",
+            ));
+        }
+        let receive_maximum = self.receive_maximum.unwrap_or(64);
+        if receive_maximum == 0 {
+            return Err(ConfigError::new(
+                "ingress.frontdoor.receive_maximum",
+                "must be at least 1",
+            ));
+        }
+        Ok(FrontDoorConfig {
+            listen,
+            max_connections,
+            receive_maximum,
+            connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(10)),
+        })
     }
 }
 
@@ -833,7 +887,7 @@ mod tests {
         assert_eq!(c.ingress.limits.max_payload, 128 * 1024);
         assert_eq!(c.buffer.when_full, WhenFull::Block);
         assert_eq!(c.buffer.synchronous, Synchronous::Full);
-        assert!(matches!(c.ingress.mode, IngressMode::Broker(ref b) if b.listen.port() == 1883));
+        assert!(matches!(c.ingress.mode, IngressMode::FrontDoor(ref f) if f.listen.port() == 1883));
     }
 
     #[test]
@@ -898,11 +952,13 @@ mod tests {
     }
 
     #[test]
-    fn client_id_template_needs_client_mode() {
-        let e = err(&MINIMAL.replace(
+    fn client_id_template_needs_the_front_door() {
+        let with_key = MINIMAL.replace(
             "destinations = [\"local\"]",
             "destinations = [\"local\"]\npartition_key = \"${clientid()}\"",
-        ));
+        );
+        parse(&with_key).unwrap();
+        let e = err(&format!("{with_key}\n[ingress]\nmode = \"broker\"\n"));
         assert_eq!(e.key, "streams.telemetry.partition_key");
     }
 

@@ -92,6 +92,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let router = Arc::new(Router::new(config.streams.clone(), config.ingress.limits));
     let ingress = match &config.ingress.mode {
+        IngressMode::FrontDoor(f) => {
+            let door = ingress::frontdoor::FrontDoor::bind(
+                f,
+                &config.ingress.limits,
+                router,
+                buffer.ingest,
+            )
+            .await?;
+            tokio::spawn(door.run(shutdown.clone()))
+        }
         IngressMode::Broker(b) => {
             let broker = ingress::broker::start(b, &config.ingress.limits)?;
             tokio::spawn(broker.run(router, buffer.ingest, shutdown.clone()))

@@ -4,6 +4,7 @@
 use metrics::{describe_counter, describe_gauge, Unit};
 
 pub const RECEIVED: &str = "edgehose_messages_received_total";
+pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const REJECTED: &str = "edgehose_messages_rejected_total";
 pub const BROKER_DROPPED: &str = "edgehose_broker_dropped_total";
 pub const COMMITTED: &str = "edgehose_records_committed_total";
@@ -19,6 +20,7 @@ pub const DELIVERY_ERRORS: &str = "edgehose_delivery_errors_total";
 
 pub fn describe() {
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
+    describe_counter!(CONNECTIONS, "MQTT connections accepted by the front door");
     describe_counter!(
         REJECTED,
         "Messages refused by ingress or the buffer, by reason"

@@ -79,8 +79,10 @@ pub struct Setup {
     pub compression: &'static str,
     pub max_size: &'static str,
     pub when_full: &'static str,
-    /// Some((host, port)) for client mode against an external broker.
+    /// Client mode against an external broker on this port.
     pub client_of: Option<u16>,
+    /// The embedded rumqttd instead of the front door.
+    pub rumqttd: bool,
     pub shutdown_timeout: &'static str,
     /// rumqttd's in-memory log as (segment size, segment count), for the embedded broker.
     pub broker_log: (&'static str, usize),
@@ -101,6 +103,7 @@ impl Default for Setup {
             max_size: "256MiB",
             when_full: "block",
             client_of: None,
+            rumqttd: false,
             shutdown_timeout: "20s",
             broker_log: ("16MiB", 4),
             listen_v5: None,
@@ -129,6 +132,9 @@ impl Gateway {
         let mqtt_port = free_port();
         let admin_port = free_port();
         let ingress = match setup.client_of {
+            None if !setup.rumqttd => format!(
+                "[ingress]\nmode = \"frontdoor\"\n[ingress.frontdoor]\nlisten = \"127.0.0.1:{mqtt_port}\"\n"
+            ),
             None => format!(
                 "[ingress]\nmode = \"broker\"\n[ingress.broker]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
                  log_segment_size = \"{}\"\nlog_segment_count = {}\n{}",

@@ -62,7 +62,12 @@ fn check_config_names_the_key_and_the_problem() {
         (
             "listen = \"127.0.0.1:1883\"",
             "listen = \"localhost\"",
-            "ingress.broker.listen",
+            "ingress.frontdoor.listen",
+        ),
+        (
+            "receive_maximum = 64",
+            "receive_maximum = 0",
+            "ingress.frontdoor.receive_maximum",
         ),
         (
             "compression = \"none\"",
@@ -100,7 +105,7 @@ fn run_refuses_a_broken_config_before_starting() {
     let path = dir.path().join("c.toml");
     std::fs::write(
         &path,
-        shipped_config().replace("mode = \"broker\"", "mode = \"bridge\""),
+        shipped_config().replace("mode = \"frontdoor\"", "mode = \"bridge\""),
     )
     .unwrap();
     let out = Command::new(bin("edgehose"))
@@ -251,6 +256,7 @@ fn messages_rumqttd_drops_behind_a_blocked_buffer_are_counted() {
     // The drops show as gaps in rumqttd's log offsets once ingress reads again.
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup {
+        rumqttd: true,
         broker_log: ("64KiB", 2),
         buffer_interval: "3s",
         ..full_buffer_setup("block")

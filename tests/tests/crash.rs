@@ -1,5 +1,6 @@
 //! kill -9 during load: what the buffer committed before the kill is delivered after a restart,
-//! exactly once; what rumqttd acknowledged but never handed over is counted and reported.
+//! exactly once. With the front door nothing acknowledged is lost; with the embedded rumqttd
+//! what it acknowledged but never handed over is counted and reported.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -68,12 +69,33 @@ fn committed_in_buffer(db: &std::path::Path) -> HashSet<(String, u64)> {
 }
 
 #[test]
-fn kill_9_during_load_loses_nothing_committed() {
+fn front_door_kill_9_during_load_loses_nothing_acknowledged() {
+    let report = kill_9_trials(20, false);
+    for line in &report {
+        println!("{line}");
+    }
+}
+
+#[test]
+fn rumqttd_kill_9_during_load_loses_nothing_committed() {
+    // The embedded rumqttd acks before edgehose commits: the gap the front door closes.
+    for line in kill_9_trials(3, true) {
+        println!("{line}");
+    }
+}
+
+/// Runs `trials` kill -9 trials; returns one report line per trial. Panics on a committed (or,
+/// with the front door, an acknowledged) message missing from the output, or on a duplicate.
+fn kill_9_trials(trials: u64, rumqttd: bool) -> Vec<String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut report = Vec::new();
-    for trial in 0..3u64 {
+    for trial in 0..trials {
         let dir = tempfile::tempdir().unwrap();
-        let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+        let setup = Setup {
+            rumqttd,
+            ..Setup::default()
+        };
+        let mut gw = Gateway::start(dir.path(), &setup).unwrap();
         let acked: Seen = Default::default();
         let tasks: Vec<_> = (0..DEVICES)
             .map(|n| rt.spawn(device(gw.mqtt_port, n, Arc::clone(&acked))))
@@ -114,6 +136,9 @@ fn kill_9_during_load_loses_nothing_committed() {
         assert_eq!(lost_committed, 0, "trial {trial}: committed records lost");
         let acked = acked.lock().unwrap();
         let acked_lost = acked.difference(&delivered).count();
+        if !rumqttd {
+            assert_eq!(acked_lost, 0, "trial {trial}: acknowledged messages lost");
+        }
         report.push(format!(
             "trial {trial}: kill after {delay} ms, acknowledged {}, committed {}, delivered {}, acknowledged-but-lost {acked_lost}",
             acked.len(),
@@ -121,8 +146,5 @@ fn kill_9_during_load_loses_nothing_committed() {
             delivered.len()
         ));
     }
-    // The embedded rumqttd acks before edgehose commits: this is the gap the front door closes.
-    for line in &report {
-        println!("{line}");
-    }
+    report
 }

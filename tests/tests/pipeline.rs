@@ -137,17 +137,13 @@ fn the_interval_flushes_without_shutdown() {
 }
 
 #[test]
-fn mqtt_5_devices_are_taken_on_the_v5_listener() {
+fn mqtt_5_devices_are_taken_on_the_same_port() {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
 
     let dir = tempfile::tempdir().unwrap();
-    let v5 = free_port();
-    let setup = Setup {
-        listen_v5: Some(v5),
-        ..Setup::default()
-    };
-    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let v5 = gw.mqtt_port;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let acked = rt.block_on(async {
         let (client, mut eventloop) =

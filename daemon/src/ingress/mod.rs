@@ -1,9 +1,11 @@
-//! Ingress: MQTT messages in, [`Envelope`]s out to the buffer. Two modes:
-//! [`broker`], the embedded rumqttd that devices connect to, and [`client`], a client of an
-//! external broker. Both check and route every message here, in [`admit`].
+//! Ingress: MQTT messages in, [`Envelope`]s out to the buffer. Three modes: [`frontdoor`],
+//! edgehose's own MQTT listener (PUBACK after commit; the default), [`broker`], the embedded
+//! rumqttd (PUBACK before commit), and [`client`], a client of an external broker. All check
+//! and route every message here, in [`admit`].
 
 pub mod broker;
 pub mod client;
+pub mod frontdoor;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
