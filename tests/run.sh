@@ -5,14 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+# mosquitto: the external broker for client-mode tests; mosquitto-clients: third-party MQTT
+# 3.1.1 and 5 clients for the front door's conformance tests.
+if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } \
+    || ! command -v mosquitto_sub >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
-        echo "== installing mosquitto (the external broker for client-mode tests)"
+        echo "== installing mosquitto and mosquitto-clients"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+        apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null
     else
-        echo "mosquitto is missing: run 'sudo apt-get install mosquitto' (or run this as root)" >&2
+        echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients' (or run this as root)" >&2
         exit 1
     fi
 fi

@@ -5,6 +5,7 @@ use metrics::{describe_counter, describe_gauge, Unit};
 
 pub const RECEIVED: &str = "edgehose_messages_received_total";
 pub const CONNECTIONS: &str = "edgehose_connections_total";
+pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
 pub const REJECTED: &str = "edgehose_messages_rejected_total";
 pub const BROKER_DROPPED: &str = "edgehose_broker_dropped_total";
 pub const COMMITTED: &str = "edgehose_records_committed_total";
@@ -21,6 +22,10 @@ pub const DELIVERY_ERRORS: &str = "edgehose_delivery_errors_total";
 pub fn describe() {
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
     describe_counter!(CONNECTIONS, "MQTT connections accepted by the front door");
+    describe_counter!(
+        LOCAL_FANOUT_DROPPED,
+        "Messages not delivered to a local subscriber whose queue was full (QoS 0 fan-out)"
+    );
     describe_counter!(
         REJECTED,
         "Messages refused by ingress or the buffer, by reason"

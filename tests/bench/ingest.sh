@@ -6,7 +6,8 @@
 # rumqttd dropped before edgehose read it, and the daemon's peak RSS (VmHWM).
 #
 # Usage: tests/bench/ingest.sh [runs=3] [clients=100] [messages_per_client=5000] [qos=1]
-# rumqttd's in-memory log: LOG_SEGMENT_SIZE (default 32MiB) x LOG_SEGMENT_COUNT (default 8).
+# MODE=frontdoor (default: PUBACK after commit) or MODE=broker (embedded rumqttd, whose
+# in-memory log is LOG_SEGMENT_SIZE (default 32MiB) x LOG_SEGMENT_COUNT (default 8)).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}; clients=${2:-100}; per=${3:-5000}; qos=${4:-1}
@@ -22,11 +23,21 @@ results=()
 for run in $(seq "$runs"); do
     scratch=$(mktemp -d)
     mqtt=$(free_port); admin=$(free_port)
-    cat > "$scratch/bench.toml" <<TOML
+    if [ "${MODE:-frontdoor}" = broker ]; then
+        ingress="[ingress]
+mode = \"broker\"
 [ingress.broker]
-listen = "127.0.0.1:$mqtt"
-log_segment_size = "${LOG_SEGMENT_SIZE:-32MiB}"
-log_segment_count = ${LOG_SEGMENT_COUNT:-8}
+listen = \"127.0.0.1:$mqtt\"
+log_segment_size = \"${LOG_SEGMENT_SIZE:-32MiB}\"
+log_segment_count = ${LOG_SEGMENT_COUNT:-8}"
+    else
+        ingress="[ingress]
+mode = \"frontdoor\"
+[ingress.frontdoor]
+listen = \"127.0.0.1:$mqtt\""
+    fi
+    cat > "$scratch/bench.toml" <<TOML
+$ingress
 [buffer]
 path = "$scratch/data/edgehose.db"
 [admin]
@@ -69,7 +80,7 @@ done
 
 stats() { sort -n | awk '{a[NR]=$1} END {printf "%s [%s-%s]", a[int((NR+1)/2)], a[1], a[NR]}'; }
 echo
-echo "ingest, $clients clients, 200-byte JSON, QoS $qos, $total messages per run, $runs runs: median [min-max]"
+echo "ingest (${MODE:-frontdoor}), $clients clients, 200-byte JSON, QoS $qos, $total messages per run, $runs runs: median [min-max]"
 echo "  publish rate (PUBACKs)   : $(printf '%s\n' "${results[@]}" | cut -d' ' -f1 | stats) msg/s"
 echo "  committed rate           : $(printf '%s\n' "${results[@]}" | cut -d' ' -f2 | stats) msg/s"
 echo "  dropped by rumqttd       : $(printf '%s\n' "${results[@]}" | cut -d' ' -f3 | stats) messages"

@@ -17,10 +17,11 @@ use tracing::{debug, warn};
 use super::codec::{
     self, Codec, CodecError, ConnRefusal, DisconnectReason, In, Out, Refusal, Version,
 };
+use super::pubsub::{Delivery, SUBSCRIBER_QUEUE};
 use super::Shared;
 use crate::message::{Ack, Outcome};
 use crate::metrics as m;
-use crate::routing::Reject;
+use crate::routing::{Reject, TopicFilter};
 use crate::shutdown::Shutdown;
 
 /// How long a connection waits at shutdown for its last acks.
@@ -161,14 +162,19 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         return;
     }
     metrics::counter!(m::CONNECTIONS).increment(1);
-    let _ = clean; // No session state is kept for publishers; SUBSCRIBE is refused.
+    // No session outlives its connection (session_present is always false): subscriptions end
+    // with the connection, and a device's unacknowledged publishes are its own to resend.
+    let _ = clean;
 
     let mut c = Connection {
         shared: Arc::clone(&shared),
         codec,
         client_id: client_id.clone(),
+        session,
         inflight: 0,
         acks: mpsc::unbounded_channel(),
+        delivery_tx: None,
+        new_deliveries: None,
     };
     let end = c
         .run(
@@ -196,6 +202,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         }
     }
     let _ = wr.shutdown().await;
+    shared.pubsub.remove(session);
     shared.sessions.unregister(&client_id, session);
 }
 
@@ -227,12 +234,24 @@ struct Connection {
     shared: Arc<Shared>,
     codec: Codec,
     client_id: String,
+    /// This connection's id in `Sessions` and `PubSub`.
+    session: u64,
     /// QoS 1 publishes handed to the buffer and not yet acknowledged.
     inflight: usize,
     acks: (
         mpsc::UnboundedSender<AckEvent>,
         mpsc::UnboundedReceiver<AckEvent>,
     ),
+    /// Set at the first SUBSCRIBE: the queue local publishes arrive on.
+    delivery_tx: Option<mpsc::Sender<Delivery>>,
+    new_deliveries: Option<mpsc::Receiver<Delivery>>,
+}
+
+async fn next_delivery(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Connection {
@@ -251,6 +270,7 @@ impl Connection {
         let grace = Duration::from_millis(keep_alive as u64 * 1500);
         let mut deadline = Instant::now() + grace;
         let window = self.shared.receive_maximum as usize;
+        let mut deliveries: Option<mpsc::Receiver<Delivery>> = None;
         loop {
             // Handle every whole packet already read, while the window has room.
             while self.inflight < window {
@@ -282,6 +302,9 @@ impl Connection {
                     }
                 }
             }
+            if let Some(rx) = self.new_deliveries.take() {
+                deliveries = Some(rx);
+            }
             if !outbuf.is_empty() {
                 if wr.write_all(outbuf).await.is_err() {
                     return End::Abnormal("write failed");
@@ -301,6 +324,12 @@ impl Connection {
                         let _ = wr.write_all(outbuf).await;
                         return end;
                     }
+                }
+                Some(d) = next_delivery(&mut deliveries) => {
+                    let _ = self.codec.write(
+                        Out::Publish { topic: d.topic, payload: d.payload, qos: 0, pkid: 0, retain: d.retain },
+                        outbuf,
+                    );
                 }
                 r = rd.read_buf(inbuf), if reading => match r {
                     Ok(0) | Err(_) => return End::Abnormal("connection closed without DISCONNECT"),
@@ -356,7 +385,7 @@ impl Connection {
                 payload,
                 qos,
                 pkid,
-                ..
+                retain,
             } => {
                 if qos > 1 {
                     metrics::counter!(m::REJECTED, "reason" => "qos2").increment(1);
@@ -365,13 +394,30 @@ impl Connection {
                         .write(Out::Disconnect(DisconnectReason::QoSNotSupported), outbuf);
                     return Err(End::Abnormal("QoS 2 is not supported"));
                 }
+                // Local subscribers get the message once it is committed.
+                let fanout = self.shared.pubsub.wants(retain).then(|| {
+                    let shared = Arc::clone(&self.shared);
+                    let (topic, payload) = (topic.clone(), payload.clone());
+                    move |outcome: Outcome| {
+                        if outcome == Outcome::Committed {
+                            shared.pubsub.publish(topic, payload, retain);
+                        }
+                    }
+                });
                 let ack = if qos == 1 {
                     self.inflight += 1;
                     let guard = AckGuard {
                         tx: Some(self.acks.0.clone()),
                         pkid,
                     };
-                    Ack::new(move |outcome| guard.complete(outcome))
+                    Ack::new(move |outcome| {
+                        if let Some(f) = fanout {
+                            f(outcome);
+                        }
+                        guard.complete(outcome)
+                    })
+                } else if let Some(f) = fanout {
+                    Ack::new(f)
                 } else {
                     Ack::none()
                 };
@@ -391,11 +437,35 @@ impl Connection {
                 let _ = self.codec.write(Out::PingResp, outbuf);
             }
             In::Subscribe { pkid, filters } => {
-                // Local subscriptions are not served by the front door yet: refuse each filter.
-                let granted = vec![None; filters.len()];
+                // Granted at QoS 0: local fan-out never holds publishers back.
+                let parsed: Vec<Option<TopicFilter>> = filters
+                    .iter()
+                    .map(|(f, _)| TopicFilter::parse(f).ok())
+                    .collect();
+                let granted = parsed.iter().map(|p| p.as_ref().map(|_| 0)).collect();
+                let valid: Vec<TopicFilter> = parsed.into_iter().flatten().collect();
+                let tx = self.delivery_tx.get_or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+                    self.new_deliveries = Some(rx);
+                    tx
+                });
+                let retained = self.shared.pubsub.subscribe(self.session, &valid, tx);
                 let _ = self.codec.write(Out::SubAck { pkid, granted }, outbuf);
+                for d in retained {
+                    let _ = self.codec.write(
+                        Out::Publish {
+                            topic: d.topic,
+                            payload: d.payload,
+                            qos: 0,
+                            pkid: 0,
+                            retain: true,
+                        },
+                        outbuf,
+                    );
+                }
             }
             In::Unsubscribe { pkid, filters } => {
+                self.shared.pubsub.unsubscribe(self.session, &filters);
                 let _ = self.codec.write(
                     Out::UnsubAck {
                         pkid,

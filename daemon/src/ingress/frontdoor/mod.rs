@@ -1,10 +1,12 @@
 //! The front door: edgehose's own MQTT listener (3.1.1 and 5 on one port), so that a PUBACK
 //! means "committed to SQLite". Packets are parsed and written by rumqttc's `mqttbytes` codecs
 //! ([`codec`]); each connection is a task ([`connection`]); a client id has at most one live
-//! connection, the newest ([`Sessions`]).
+//! connection, the newest ([`Sessions`]); committed messages reach local subscribers through
+//! [`pubsub`].
 
 pub mod codec;
 pub mod connection;
+pub mod pubsub;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +33,7 @@ pub struct Shared {
     /// Largest packet read; larger ones end the connection (MQTT 5: Packet too large).
     pub max_packet: usize,
     pub sessions: Sessions,
+    pub pubsub: pubsub::PubSub,
 }
 
 /// Live connections by client id. Registering an id that is live tells the older connection
@@ -97,6 +100,7 @@ impl FrontDoor {
                 // oversized payload is refused with a reason rather than a disconnect.
                 max_packet: (limits.max_payload * 2 + 64 * 1024).min(256 * 1024 * 1024),
                 sessions: Sessions::default(),
+                pubsub: pubsub::PubSub::default(),
             }),
         })
     }
