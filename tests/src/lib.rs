@@ -241,6 +241,17 @@ compression = "{compression}"
         self.child.as_ref().expect("running").id() as i32
     }
 
+    /// Peak resident memory of the running daemon (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the daemon's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
     /// SIGTERM, then waits (bounded) for the exit status.
     pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
         let status = Command::new("kill")
