@@ -20,6 +20,23 @@ if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } \
     fi
 fi
 
+# A Python venv with paho-mqtt, the second third-party client of the conformance tests.
+venv=target/test-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
+    echo "== creating $venv with paho-mqtt"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+        if [ "$(id -u)" = 0 ]; then
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+            python3 -m venv "$venv"
+        else
+            echo "python3 -m venv failed: install python3-venv" >&2
+            exit 1
+        fi
+    fi
+    "$venv/bin/pip" install -q 'paho-mqtt>=2,<3'
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 if cargo clippy --version >/dev/null 2>&1; then

@@ -184,3 +184,115 @@ fn a_second_connection_with_the_same_client_id_takes_over() {
     assert!(log.contains("Received DISCONNECT (142)"), "{log}");
     assert!(gw.terminate().unwrap().success());
 }
+
+#[test]
+fn paho_mqtt_publishes_and_subscribes_with_3_1_1_and_5() {
+    // tests/run.sh makes this venv (python3 -m venv; pip install paho-mqtt).
+    let python = std::env::var("EDGEHOSE_TEST_PYTHON").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/test-venv/bin/python"
+        )
+        .to_string()
+    });
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} is missing: run tests/run.sh, which creates the venv with paho-mqtt"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/conformance/paho_check.py"
+        ))
+        .arg(gw.mqtt_port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "paho check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gw.terminate().unwrap().success());
+    let mut seqs = device_seqs(&read_objects(&gw.bucket_dir()).unwrap());
+    seqs.sort();
+    let want: Vec<(String, u64)> = ["paho-v311", "paho-v5"]
+        .iter()
+        .flat_map(|d| [(d.to_string(), 0), (d.to_string(), 1)])
+        .collect();
+    assert_eq!(seqs, want);
+}
+
+#[test]
+fn a_persistent_qos_1_subscription_gets_what_was_published_while_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let port = gw.mqtt_port;
+    for (version, session) in [
+        ("mqttv311", vec!["-c"]),
+        ("mqttv5", vec!["-c", "-x", "300"]),
+    ] {
+        let id = format!("persistent-{version}");
+        let topic = format!("sensors/{version}/telemetry");
+        // Subscribe at QoS 1 with a persistent session, then go away.
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-V",
+            version,
+            "-i",
+            &id,
+            "-q",
+            "1",
+            "-t",
+            &topic,
+        ];
+        args.extend(&session);
+        let port_s = port.to_string();
+        args.extend(["-p", &port_s, "-E"]); // -E: exit once subscribed
+        let out = Command::new("mosquitto_sub").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Published while the subscriber is offline.
+        for seq in 0..3 {
+            let body = format!(r#"{{"device":"{version}","seq":{seq}}}"#);
+            let out = pub_(port, version, &["-q", "1", "-t", &topic, "-m", &body]);
+            assert!(out.status.success());
+        }
+        // Back with the same session: the three messages arrive, at QoS 1.
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-V",
+            version,
+            "-i",
+            &id,
+            "-q",
+            "1",
+            "-t",
+            &topic,
+        ];
+        args.extend(&session);
+        args.extend(["-p", &port_s, "-C", "3", "-W", "10", "-F", "%q %p"]);
+        let out = Command::new("mosquitto_sub").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let want: Vec<String> = (0..3)
+            .map(|seq| format!(r#"1 {{"device":"{version}","seq":{seq}}}"#))
+            .collect();
+        assert_eq!(got, want, "{version}");
+    }
+    assert!(gw.terminate().unwrap().success());
+}

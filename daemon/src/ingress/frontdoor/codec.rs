@@ -81,6 +81,8 @@ pub enum In {
         will: Option<Will>,
         /// MQTT 5: the client's Receive Maximum for publishes we send it.
         receive_maximum: Option<u16>,
+        /// MQTT 5: how long the session outlives the connection (0: it does not).
+        session_expiry: Option<u32>,
     },
     Publish {
         topic: Bytes,
@@ -140,6 +142,7 @@ pub enum Out {
         qos: u8,
         pkid: u16,
         retain: bool,
+        dup: bool,
     },
     SubAck {
         pkid: u16,
@@ -234,6 +237,7 @@ fn from_v4(p: v4::Packet) -> In {
                 retain: w.retain,
             }),
             receive_maximum: None,
+            session_expiry: None,
         },
         v4::Packet::Publish(p) => In::Publish {
             topic: Bytes::from(p.topic.into_bytes()),
@@ -268,6 +272,10 @@ fn from_v5(p: v5::Packet) -> In {
     match p {
         v5::Packet::Connect(c, will, _login) => In::Connect {
             receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
+            session_expiry: c
+                .properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval),
             client_id: c.client_id,
             keep_alive: c.keep_alive,
             clean: c.clean_start,
@@ -346,10 +354,12 @@ fn to_v4(out: Out) -> Option<v4::Packet> {
             qos,
             pkid,
             retain,
+            dup,
         } => {
             let mut p = v4::Publish::from_bytes(String::from_utf8_lossy(&topic), q4(qos), payload);
             p.pkid = pkid;
             p.retain = retain;
+            p.dup = dup;
             v4::Packet::Publish(p)
         }
         Out::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
@@ -424,8 +434,9 @@ fn to_v5(out: Out) -> Option<v5::Packet> {
             qos,
             pkid,
             retain,
+            dup,
         } => v5::Packet::Publish(v5::Publish {
-            dup: false,
+            dup,
             qos: q5(qos),
             retain,
             topic,
@@ -528,6 +539,7 @@ mod tests {
                         qos: 1,
                         pkid: 7,
                         retain: false,
+                        dup: false,
                     },
                     &mut buf,
                 )
@@ -558,6 +570,7 @@ mod tests {
                         qos: 0,
                         pkid: 0,
                         retain: false,
+                        dup: false,
                     },
                     &mut big,
                 )

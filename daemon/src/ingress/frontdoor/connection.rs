@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::codec::{
     self, Codec, CodecError, ConnRefusal, DisconnectReason, In, Out, Refusal, Version,
 };
-use super::pubsub::{Delivery, SUBSCRIBER_QUEUE};
+use super::pubsub::{Delivery, Opened};
 use super::Shared;
 use crate::message::{Ack, Outcome};
 use crate::metrics as m;
@@ -112,7 +112,8 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         keep_alive,
         clean,
         will,
-        ..
+        receive_maximum,
+        session_expiry,
     } = packet
     else {
         return;
@@ -126,7 +127,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
                 &codec,
                 &mut wr,
                 &mut outbuf,
-                connack(&shared, Some(ConnRefusal::BadClientId), None),
+                connack(&shared, Some(ConnRefusal::BadClientId), None, false),
             )
             .await;
             return;
@@ -142,39 +143,51 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
             &codec,
             &mut wr,
             &mut outbuf,
-            connack(&shared, Some(ConnRefusal::BadClientId), None),
+            connack(&shared, Some(ConnRefusal::BadClientId), None, false),
         )
         .await;
         return;
     }
     // The newer connection wins, as in IoT Core.
     let (session, taken_over) = shared.sessions.register(&client_id);
+    // A session outlives its connection when the device asks: 3.1.1 clean_session = 0,
+    // MQTT 5 a session expiry above 0.
+    let persistent = match codec.version {
+        Version::V311 => !clean,
+        Version::V5 => session_expiry.unwrap_or(0) > 0,
+    };
+    let opened = shared.pubsub.open(
+        &client_id,
+        persistent && !(clean && codec.version == Version::V5),
+    );
     if send(
         &codec,
         &mut wr,
         &mut outbuf,
-        connack(&shared, None, assigned),
+        connack(&shared, None, assigned, opened.present),
     )
     .await
     .is_err()
     {
+        shared
+            .pubsub
+            .close(&client_id, opened.generation, Vec::new());
         shared.sessions.unregister(&client_id, session);
         return;
     }
     metrics::counter!(m::CONNECTIONS).increment(1);
-    // No session outlives its connection (session_present is always false): subscriptions end
-    // with the connection, and a device's unacknowledged publishes are its own to resend.
-    let _ = clean;
 
     let mut c = Connection {
         shared: Arc::clone(&shared),
         codec,
         client_id: client_id.clone(),
-        session,
         inflight: 0,
         acks: mpsc::unbounded_channel(),
-        delivery_tx: None,
-        new_deliveries: None,
+        // Unacknowledged QoS 1 messages we send the device: its Receive Maximum, or 32.
+        out_window: receive_maximum.unwrap_or(32).clamp(1, 1024) as usize,
+        outgoing: Vec::new(),
+        next_pkid: 0,
+        wake_queue: false,
     };
     let end = c
         .run(
@@ -184,6 +197,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
             &mut outbuf,
             keep_alive,
             &taken_over,
+            &opened,
             &mut shutdown,
         )
         .await;
@@ -191,7 +205,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         debug!(client_id = %client_id, why, "connection ended");
         if let Some(w) = will {
             // The will is a message like any other: checked, routed, committed.
-            let env = super::super::admit(
+            let env = crate::ingress::admit(
                 &shared.router,
                 &w.topic,
                 &w.payload,
@@ -202,13 +216,22 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         }
     }
     let _ = wr.shutdown().await;
-    shared.pubsub.remove(session);
+    let unacked = std::mem::take(&mut c.outgoing)
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    shared.pubsub.close(&client_id, opened.generation, unacked);
     shared.sessions.unregister(&client_id, session);
 }
 
-fn connack(shared: &Shared, refused: Option<ConnRefusal>, assigned: Option<String>) -> Out {
+fn connack(
+    shared: &Shared,
+    refused: Option<ConnRefusal>,
+    assigned: Option<String>,
+    session_present: bool,
+) -> Out {
     Out::ConnAck {
-        session_present: false,
+        session_present,
         refused,
         receive_maximum: shared.receive_maximum,
         max_packet_size: shared.max_packet as u32,
@@ -234,24 +257,19 @@ struct Connection {
     shared: Arc<Shared>,
     codec: Codec,
     client_id: String,
-    /// This connection's id in `Sessions` and `PubSub`.
-    session: u64,
     /// QoS 1 publishes handed to the buffer and not yet acknowledged.
     inflight: usize,
     acks: (
         mpsc::UnboundedSender<AckEvent>,
         mpsc::UnboundedReceiver<AckEvent>,
     ),
-    /// Set at the first SUBSCRIBE: the queue local publishes arrive on.
-    delivery_tx: Option<mpsc::Sender<Delivery>>,
-    new_deliveries: Option<mpsc::Receiver<Delivery>>,
-}
-
-async fn next_delivery(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
+    /// How many QoS 1 messages we may have unacknowledged at the device.
+    out_window: usize,
+    /// QoS 1 messages sent to the device and not yet acknowledged, in sending order.
+    outgoing: Vec<(u16, Delivery)>,
+    next_pkid: u16,
+    /// A PUBACK freed room in the window: look at the session's queue again.
+    wake_queue: bool,
 }
 
 impl Connection {
@@ -264,13 +282,13 @@ impl Connection {
         outbuf: &mut BytesMut,
         keep_alive: u16,
         taken_over: &Notify,
+        opened: &Opened,
         shutdown: &mut Shutdown,
     ) -> End {
         // MQTT: the server closes a connection silent for 1.5 x keep-alive.
         let grace = Duration::from_millis(keep_alive as u64 * 1500);
         let mut deadline = Instant::now() + grace;
         let window = self.shared.receive_maximum as usize;
-        let mut deliveries: Option<mpsc::Receiver<Delivery>> = None;
         loop {
             // Handle every whole packet already read, while the window has room.
             while self.inflight < window {
@@ -302,8 +320,8 @@ impl Connection {
                     }
                 }
             }
-            if let Some(rx) = self.new_deliveries.take() {
-                deliveries = Some(rx);
+            if std::mem::take(&mut self.wake_queue) {
+                self.send_queued(outbuf, &opened.notify);
             }
             if !outbuf.is_empty() {
                 if wr.write_all(outbuf).await.is_err() {
@@ -325,12 +343,7 @@ impl Connection {
                         return end;
                     }
                 }
-                Some(d) = next_delivery(&mut deliveries) => {
-                    let _ = self.codec.write(
-                        Out::Publish { topic: d.topic, payload: d.payload, qos: 0, pkid: 0, retain: d.retain },
-                        outbuf,
-                    );
-                }
+                _ = opened.notify.notified() => self.send_queued(outbuf, &opened.notify),
                 r = rd.read_buf(inbuf), if reading => match r {
                     Ok(0) | Err(_) => return End::Abnormal("connection closed without DISCONNECT"),
                     Ok(_) => deadline = Instant::now() + grace,
@@ -358,6 +371,48 @@ impl Connection {
                     // Shutdown is not the device's fault: no will.
                     return End::Clean;
                 }
+            }
+        }
+    }
+
+    /// Sends queued messages of this connection's session, QoS 1 ones while the device's window
+    /// has room. Wakes itself again if more wait.
+    fn send_queued(&mut self, outbuf: &mut BytesMut, notify: &Notify) {
+        const BATCH: usize = 256;
+        let room = self.out_window.saturating_sub(self.outgoing.len());
+        if room == 0 {
+            return; // A PUBACK from the device will wake us.
+        }
+        let batch = self.shared.pubsub.take(&self.client_id, room.min(BATCH));
+        let full = batch.len() == room.min(BATCH);
+        for d in batch {
+            let pkid = if d.qos > 0 { self.pkid() } else { 0 };
+            let _ = self.codec.write(
+                Out::Publish {
+                    topic: d.topic.clone(),
+                    payload: d.payload.clone(),
+                    qos: d.qos,
+                    pkid,
+                    retain: d.retain,
+                    dup: d.dup,
+                },
+                outbuf,
+            );
+            if d.qos > 0 {
+                self.outgoing.push((pkid, d));
+            }
+        }
+        if full {
+            notify.notify_one();
+        }
+    }
+
+    /// The next packet id not in use by an unacknowledged message.
+    fn pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.outgoing.iter().any(|(p, _)| *p == self.next_pkid) {
+                return self.next_pkid;
             }
         }
     }
@@ -400,7 +455,7 @@ impl Connection {
                     let (topic, payload) = (topic.clone(), payload.clone());
                     move |outcome: Outcome| {
                         if outcome == Outcome::Committed {
-                            shared.pubsub.publish(topic, payload, retain);
+                            shared.pubsub.publish(topic, payload, qos, retain);
                         }
                     }
                 });
@@ -421,7 +476,7 @@ impl Connection {
                 } else {
                     Ack::none()
                 };
-                let env = super::super::admit(
+                let env = crate::ingress::admit(
                     &self.shared.router,
                     &topic,
                     &payload,
@@ -437,35 +492,19 @@ impl Connection {
                 let _ = self.codec.write(Out::PingResp, outbuf);
             }
             In::Subscribe { pkid, filters } => {
-                // Granted at QoS 0: local fan-out never holds publishers back.
-                let parsed: Vec<Option<TopicFilter>> = filters
+                // QoS 0 and 1 are granted as asked (QoS 2 as 1); invalid filters are refused.
+                let parsed: Vec<Option<(TopicFilter, u8)>> = filters
                     .iter()
-                    .map(|(f, _)| TopicFilter::parse(f).ok())
+                    .map(|(f, q)| TopicFilter::parse(f).ok().map(|f| (f, (*q).min(1))))
                     .collect();
-                let granted = parsed.iter().map(|p| p.as_ref().map(|_| 0)).collect();
-                let valid: Vec<TopicFilter> = parsed.into_iter().flatten().collect();
-                let tx = self.delivery_tx.get_or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-                    self.new_deliveries = Some(rx);
-                    tx
-                });
-                let retained = self.shared.pubsub.subscribe(self.session, &valid, tx);
+                let granted = parsed.iter().map(|p| p.as_ref().map(|(_, q)| *q)).collect();
+                let valid: Vec<(TopicFilter, u8)> = parsed.into_iter().flatten().collect();
+                // The SUBACK goes out before any retained message the subscription matches.
                 let _ = self.codec.write(Out::SubAck { pkid, granted }, outbuf);
-                for d in retained {
-                    let _ = self.codec.write(
-                        Out::Publish {
-                            topic: d.topic,
-                            payload: d.payload,
-                            qos: 0,
-                            pkid: 0,
-                            retain: true,
-                        },
-                        outbuf,
-                    );
-                }
+                self.shared.pubsub.subscribe(&self.client_id, &valid);
             }
             In::Unsubscribe { pkid, filters } => {
-                self.shared.pubsub.unsubscribe(self.session, &filters);
+                self.shared.pubsub.unsubscribe(&self.client_id, &filters);
                 let _ = self.codec.write(
                     Out::UnsubAck {
                         pkid,
@@ -474,7 +513,13 @@ impl Connection {
                     outbuf,
                 );
             }
-            In::PubAck { .. } => {}
+            In::PubAck { pkid } => {
+                if let Some(i) = self.outgoing.iter().position(|(p, _)| *p == pkid) {
+                    self.outgoing.remove(i);
+                }
+                // Room in the window: send what waits.
+                self.wake_queue = true;
+            }
             In::Disconnect { with_will } => {
                 return Err(if with_will {
                     End::Abnormal("DISCONNECT with will")

@@ -1,65 +1,169 @@
 //! Local publish/subscribe for devices on the front door: what a device publishes reaches the
-//! local subscribers whose filters match, *after* it is committed; retained messages are kept
-//! (the last per topic; an empty payload clears it) and sent to new matching subscriptions.
+//! sessions whose filters match, *after* it is committed; retained messages are kept (the last
+//! per topic; an empty payload clears it) and sent to new matching subscriptions.
 //!
-//! Delivery to subscribers is QoS 0 and never slows publishers: each subscriber has a bounded
-//! queue, and what does not fit is counted (`edgehose_local_fanout_dropped_total`).
+//! Each client id has a session: its filters (with their QoS) and a bounded queue of messages
+//! to send. A connection drains its session's queue; QoS 1 messages it sent but that were not
+//! acknowledged go back to the queue when it ends. A persistent session (3.1.1
+//! `clean_session = 0`, MQTT 5 session expiry > 0) outlives its connection, so a device that
+//! reconnects gets what was published meanwhile; sessions live in memory, not across restarts.
+//!
+//! Subscribers never slow publishers: a full queue drops its oldest message, counted in
+//! `edgehose_local_fanout_dropped_total`.
 //!
 //! Why not rumqttd's local links, as first planned: rumqttd 0.20 gives an embedder no way to
 //! disconnect a local link (each closed subscriber would hold a router slot forever), subscribes
 //! local links with `RetainForwardRule::Never` (retained messages never reach them), and offers
 //! no clean-session choice for them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::metrics as m;
 use crate::routing::TopicFilter;
 
-/// Messages queued per subscribing connection before fan-out drops for it.
-pub const SUBSCRIBER_QUEUE: usize = 1024;
+/// Messages a session holds for its device before the oldest is dropped.
+pub const SESSION_QUEUE: usize = 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub topic: Bytes,
     pub payload: Bytes,
+    pub qos: u8,
     pub retain: bool,
+    /// Sent before and not acknowledged: MQTT's DUP flag on the resend.
+    pub dup: bool,
 }
 
-struct Subscriber {
-    filters: Vec<TopicFilter>,
-    tx: mpsc::Sender<Delivery>,
+struct Session {
+    /// Bumped by every connection that opens this session; only the latest may close it.
+    generation: u64,
+    persistent: bool,
+    filters: Vec<(TopicFilter, u8)>,
+    queue: VecDeque<Delivery>,
+    notify: Arc<Notify>,
+}
+
+/// What a connection gets when it opens its session.
+pub struct Opened {
+    pub present: bool,
+    pub generation: u64,
+    /// Woken when the session's queue has something.
+    pub notify: Arc<Notify>,
 }
 
 #[derive(Default)]
 pub struct PubSub {
     inner: Mutex<Inner>,
-    /// Connections with at least one subscription: lets publishers skip the lock.
-    subscribers: AtomicUsize,
+    /// Sessions with at least one filter: lets publishers skip the lock.
+    subscribed: AtomicUsize,
 }
 
 #[derive(Default)]
 struct Inner {
-    subscribers: HashMap<u64, Subscriber>,
+    sessions: HashMap<String, Session>,
     retained: HashMap<Bytes, Bytes>,
+    generation: u64,
+}
+
+impl Inner {
+    fn count_subscribed(&self) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| !s.filters.is_empty())
+            .count()
+    }
 }
 
 impl PubSub {
     /// Whether a committed message with this retain flag needs `publish`.
     pub fn wants(&self, retain: bool) -> bool {
-        retain || self.subscribers.load(Ordering::Relaxed) > 0
+        retain || self.subscribed.load(Ordering::Relaxed) > 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fans a committed message out to matching subscribers and keeps it if retained.
-    pub fn publish(&self, topic: Bytes, payload: Bytes, retain: bool) {
+    fn recount(&self, inner: &Inner) {
+        self.subscribed
+            .store(inner.count_subscribed(), Ordering::Relaxed);
+    }
+
+    /// Opens `client_id`'s session for a new connection: resumes a persistent one when asked
+    /// to, else starts afresh.
+    pub fn open(&self, client_id: &str, persistent: bool) -> Opened {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        let generation = inner.generation;
+        let resumed = match inner.sessions.get_mut(client_id) {
+            Some(s) if persistent && s.persistent => {
+                s.generation = generation;
+                Some(Arc::clone(&s.notify))
+            }
+            _ => None,
+        };
+        let opened = match resumed {
+            Some(notify) => {
+                notify.notify_one();
+                Opened {
+                    present: true,
+                    generation,
+                    notify,
+                }
+            }
+            None => {
+                let notify = Arc::new(Notify::new());
+                inner.sessions.insert(
+                    client_id.to_string(),
+                    Session {
+                        generation,
+                        persistent,
+                        filters: Vec::new(),
+                        queue: VecDeque::new(),
+                        notify: Arc::clone(&notify),
+                    },
+                );
+                Opened {
+                    present: false,
+                    generation,
+                    notify,
+                }
+            }
+        };
+        self.recount(&inner);
+        opened
+    }
+
+    /// A connection ended. Its unacknowledged QoS 1 messages go back to the front of the queue;
+    /// a session that is not persistent ends with its (latest) connection.
+    pub fn close(&self, client_id: &str, generation: u64, unacked: Vec<Delivery>) {
+        let mut inner = self.lock();
+        let Some(s) = inner.sessions.get_mut(client_id) else {
+            return;
+        };
+        let latest = s.generation == generation;
+        if s.persistent {
+            for mut d in unacked.into_iter().rev() {
+                d.dup = true;
+                s.queue.push_front(d);
+            }
+            if !latest {
+                // A newer connection owns the session: let it see the requeued messages.
+                s.notify.notify_one();
+            }
+        } else if latest {
+            inner.sessions.remove(client_id);
+        }
+        self.recount(&inner);
+    }
+
+    /// Fans a committed message out to the matching sessions and keeps it if retained.
+    pub fn publish(&self, topic: Bytes, payload: Bytes, qos: u8, retain: bool) {
         let mut inner = self.lock();
         if retain {
             if payload.is_empty() {
@@ -72,71 +176,91 @@ impl PubSub {
             return;
         };
         let mut dropped = 0u64;
-        for sub in inner.subscribers.values() {
-            if sub.filters.iter().any(|f| f.matches(text)) {
-                let d = Delivery {
-                    topic: topic.clone(),
-                    payload: payload.clone(),
-                    retain: false,
-                };
-                if sub.tx.try_send(d).is_err() {
-                    dropped += 1;
-                }
+        for s in inner.sessions.values_mut() {
+            let Some(granted) = s
+                .filters
+                .iter()
+                .filter(|(f, _)| f.matches(text))
+                .map(|(_, q)| *q)
+                .max()
+            else {
+                continue;
+            };
+            if s.queue.len() >= SESSION_QUEUE {
+                s.queue.pop_front();
+                dropped += 1;
             }
+            s.queue.push_back(Delivery {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                qos: granted.min(qos),
+                retain: false,
+                dup: false,
+            });
+            s.notify.notify_one();
         }
         if dropped > 0 {
             metrics::counter!(m::LOCAL_FANOUT_DROPPED).increment(dropped);
         }
     }
 
-    /// Adds filters for a connection; returns the retained messages they match (to send after
-    /// the SUBACK).
-    pub fn subscribe(
-        &self,
-        conn: u64,
-        filters: &[TopicFilter],
-        tx: &mpsc::Sender<Delivery>,
-    ) -> Vec<Delivery> {
+    /// Adds filters (with their granted QoS) to a session; queues the retained messages they
+    /// match, to be sent after the SUBACK.
+    pub fn subscribe(&self, client_id: &str, filters: &[(TopicFilter, u8)]) {
         let mut inner = self.lock();
-        let sub = inner.subscribers.entry(conn).or_insert_with(|| {
-            self.subscribers.fetch_add(1, Ordering::Relaxed);
-            Subscriber {
-                filters: Vec::new(),
-                tx: tx.clone(),
+        let retained: Vec<(Bytes, Bytes)> = inner
+            .retained
+            .iter()
+            .filter(|(topic, _)| {
+                std::str::from_utf8(topic).is_ok_and(|t| filters.iter().any(|(f, _)| f.matches(t)))
+            })
+            .map(|(t, p)| (t.clone(), p.clone()))
+            .collect();
+        if let Some(s) = inner.sessions.get_mut(client_id) {
+            for (f, q) in filters {
+                match s.filters.iter_mut().find(|(g, _)| g == f) {
+                    Some(existing) => existing.1 = *q,
+                    None => s.filters.push((f.clone(), *q)),
+                }
             }
-        });
-        for f in filters {
-            if !sub.filters.contains(f) {
-                sub.filters.push(f.clone());
-            }
-        }
-        let mut out = Vec::new();
-        for (topic, payload) in &inner.retained {
-            let Ok(text) = std::str::from_utf8(topic) else {
-                continue;
-            };
-            if filters.iter().any(|f| f.matches(text)) {
-                out.push(Delivery {
-                    topic: topic.clone(),
-                    payload: payload.clone(),
+            for (topic, payload) in retained {
+                let qos = filters
+                    .iter()
+                    .filter(|(f, _)| std::str::from_utf8(&topic).is_ok_and(|t| f.matches(t)))
+                    .map(|(_, q)| *q)
+                    .max()
+                    .unwrap_or(0);
+                s.queue.push_back(Delivery {
+                    topic,
+                    payload,
+                    qos,
                     retain: true,
+                    dup: false,
                 });
             }
+            s.notify.notify_one();
         }
-        out
+        self.recount(&inner);
     }
 
-    pub fn unsubscribe(&self, conn: u64, filters: &[String]) {
+    pub fn unsubscribe(&self, client_id: &str, filters: &[String]) {
         let mut inner = self.lock();
-        if let Some(sub) = inner.subscribers.get_mut(&conn) {
-            sub.filters
-                .retain(|f| !filters.iter().any(|u| u == f.as_str()));
+        if let Some(s) = inner.sessions.get_mut(client_id) {
+            s.filters
+                .retain(|(f, _)| !filters.iter().any(|u| u == f.as_str()));
         }
+        self.recount(&inner);
     }
 
-    pub fn remove(&self, conn: u64) {
-        if self.lock().subscribers.remove(&conn).is_some() {
-            self.subscribers.fetch_sub(1, Ordering::Relaxed);
+    /// Takes up to `max` queued messages for a session.
+    pub fn take(&self, client_id: &str, max: usize) -> Vec<Delivery> {
+        let mut inner = self.lock();
+        match inner.sessions.get_mut(client_id) {
+            Some(s) => {
+                let n = max.min(s.queue.len());
+                s.queue.drain(..n).collect()
+            }
+            None => Vec::new(),
         }
     }
 }
@@ -145,71 +269,81 @@ impl PubSub {
 mod tests {
     use super::*;
 
-    fn f(s: &str) -> TopicFilter {
-        TopicFilter::parse(s).unwrap()
+    fn f(s: &str, q: u8) -> (TopicFilter, u8) {
+        (TopicFilter::parse(s).unwrap(), q)
     }
 
-    #[tokio::test]
-    async fn matching_subscribers_get_committed_messages_and_retained_ones_on_subscribe() {
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    #[test]
+    fn matching_sessions_get_committed_messages_at_the_lower_qos() {
         let ps = PubSub::default();
         assert!(!ps.wants(false));
-        let (tx, mut rx) = mpsc::channel(4);
-        assert!(ps.subscribe(1, &[f("sensors/+/telemetry")], &tx).is_empty());
+        let a = ps.open("a", false);
+        assert!(!a.present);
+        ps.subscribe("a", &[f("sensors/+/telemetry", 1)]);
         assert!(ps.wants(false));
-        ps.publish(
-            Bytes::from_static(b"sensors/d1/telemetry"),
-            Bytes::from_static(b"a"),
-            false,
-        );
-        ps.publish(
-            Bytes::from_static(b"other"),
-            Bytes::from_static(b"b"),
-            false,
-        );
-        ps.publish(
-            Bytes::from_static(b"config/d1"),
-            Bytes::from_static(b"v1"),
-            true,
-        );
-        let d = rx.try_recv().unwrap();
-        assert_eq!(&d.payload[..], b"a");
-        assert!(rx.try_recv().is_err());
-
-        let (tx2, _rx2) = mpsc::channel(4);
-        let retained = ps.subscribe(2, &[f("config/#")], &tx2);
-        assert_eq!(retained.len(), 1);
-        assert!(retained[0].retain);
-        // An empty retained payload clears it.
-        ps.publish(Bytes::from_static(b"config/d1"), Bytes::new(), true);
-        assert!(ps.subscribe(3, &[f("config/#")], &tx2).is_empty());
-
-        ps.unsubscribe(1, &["sensors/+/telemetry".into()]);
-        ps.publish(
-            Bytes::from_static(b"sensors/d1/telemetry"),
-            Bytes::from_static(b"c"),
-            false,
-        );
-        assert!(rx.try_recv().is_err());
-        ps.remove(1);
-        ps.remove(2);
-        ps.remove(3);
+        ps.publish(b("sensors/d1/telemetry"), b("q1"), 1, false);
+        ps.publish(b("sensors/d1/telemetry"), b("q0"), 0, false);
+        ps.publish(b("other"), b("x"), 1, false);
+        let got = ps.take("a", 10);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].qos, got[1].qos), (1, 0));
+        ps.unsubscribe("a", &["sensors/+/telemetry".into()]);
+        ps.publish(b("sensors/d1/telemetry"), b("q1"), 1, false);
+        assert!(ps.take("a", 10).is_empty());
+        ps.close("a", a.generation, vec![]);
         assert!(!ps.wants(false));
     }
 
     #[test]
-    fn a_full_subscriber_queue_drops_for_that_subscriber_only() {
+    fn retained_messages_reach_new_subscriptions_and_empty_payloads_clear_them() {
         let ps = PubSub::default();
-        let (slow, _keep) = mpsc::channel(1);
-        let (fast, mut fast_rx) = mpsc::channel(8);
-        ps.subscribe(1, &[f("#")], &slow);
-        ps.subscribe(2, &[f("#")], &fast);
-        for _ in 0..3 {
-            ps.publish(Bytes::from_static(b"t"), Bytes::from_static(b"x"), false);
+        ps.publish(b("config/d1"), b("v1"), 1, true);
+        ps.open("a", false);
+        ps.subscribe("a", &[f("config/#", 1)]);
+        let got = ps.take("a", 10);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].retain);
+        ps.publish(b("config/d1"), Bytes::new(), 1, true);
+        ps.open("b", false);
+        ps.subscribe("b", &[f("config/#", 0)]);
+        assert!(ps.take("b", 10).is_empty());
+    }
+
+    #[test]
+    fn a_persistent_session_keeps_messages_and_unacked_ones_while_offline() {
+        let ps = PubSub::default();
+        let first = ps.open("p", true);
+        ps.subscribe("p", &[f("t/#", 1)]);
+        ps.publish(b("t/1"), b("one"), 1, false);
+        let sent = ps.take("p", 10);
+        // The connection ends before the PUBACK; a message arrives while offline.
+        ps.close("p", first.generation, sent);
+        ps.publish(b("t/2"), b("two"), 1, false);
+        let again = ps.open("p", true);
+        assert!(again.present);
+        let got = ps.take("p", 10);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].dup && &got[0].payload[..] == b"one");
+        assert!(!got[1].dup && &got[1].payload[..] == b"two");
+        // A clean connection discards the session.
+        let clean = ps.open("p", false);
+        assert!(!clean.present);
+        ps.publish(b("t/3"), b("three"), 1, false);
+        assert!(ps.take("p", 10).is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest() {
+        let ps = PubSub::default();
+        ps.open("slow", true);
+        ps.subscribe("slow", &[f("#", 0)]);
+        for _ in 0..SESSION_QUEUE + 5 {
+            ps.publish(b("t"), b("x"), 0, false);
         }
-        let mut n = 0;
-        while fast_rx.try_recv().is_ok() {
-            n += 1;
-        }
-        assert_eq!(n, 3);
+        assert_eq!(ps.take("slow", usize::MAX).len(), SESSION_QUEUE);
     }
 }
