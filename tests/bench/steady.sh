@@ -5,7 +5,7 @@
 # (VmHWM), and bytes the daemon wrote (/proc/PID/io write_bytes) per payload byte.
 #
 # Usage: tests/bench/steady.sh MSGS_PER_SECOND [seconds=20]
-# MODE=frontdoor (default) or MODE=broker (embedded rumqttd, log 8 x 32MiB), as in ingest.sh.
+# MODE=frontdoor (default) or MODE=broker (embedded rumqttd), as in tests/bench/lib.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rate=${1:?messages per second}; secs=${2:-20}
@@ -13,50 +13,14 @@ devices=100
 per_device=$(awk -v r="$rate" -v d="$devices" 'BEGIN {printf "%.3f", r / d}')
 messages=$(awk -v r="$rate" -v d="$devices" -v s="$secs" 'BEGIN {printf "%d", r / d * s}')
 
-cargo build --release -j2 -p edgehose -p firmware-sim >&2
-bin=target/release
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
-    || echo $((20000 + RANDOM % 20000)); }
-scratch=$(mktemp -d)
-mqtt=$(free_port); admin=$(free_port)
-if [ "${MODE:-frontdoor}" = broker ]; then
-    ingress="[ingress]
-mode = \"broker\"
-[ingress.broker]
-listen = \"127.0.0.1:$mqtt\"
-log_segment_size = \"32MiB\"
-log_segment_count = 8"
-else
-    ingress="[ingress]
-mode = \"frontdoor\"
-[ingress.frontdoor]
-listen = \"127.0.0.1:$mqtt\""
-fi
-cat > "$scratch/bench.toml" <<TOML
-$ingress
-[buffer]
-path = "$scratch/data/edgehose.db"
-[admin]
-listen = "127.0.0.1:$admin"
-[streams.telemetry]
-topics = ["sensors/+/telemetry"]
-destinations = ["local"]
-[destinations.local]
-type = "file"
-root = "$scratch/out"
-bucket = "bench"
-buffer_size = "5MiB"
-buffer_interval = "1s"
-TOML
-$bin/edgehose run --config "$scratch/bench.toml" 2> "$scratch/edgehose.log" &
-pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/healthz" >/dev/null && break; sleep 0.1; done
+. ./tests/bench/lib.sh
+bench_build
+bench_start
 sim=$($bin/firmware-sim --port "$mqtt" --devices $devices --rate "$per_device" --messages "$messages" \
     --payload-size 200 --json)
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 written=$(awk '/^write_bytes/ {print $2}' "/proc/$pid/io")
-kill -TERM "$pid"; wait "$pid" || true
-rm -rf "$scratch"
+bench_stop
 field() { echo "$sim" | sed -E "s/.*\"$1\":([0-9.]+).*/\1/"; }
 printf '%s, %s msg/s target: achieved %.0f msg/s, PUBACK p50 %.1f ms p99 %.1f ms max %.1f ms, peak RSS %d MiB, %.1f bytes written per payload byte\n' \
     "${MODE:-frontdoor}" "$rate" "$(field rate_msg_s)" "$(field puback_latency_ms_p50)" \

@@ -119,33 +119,19 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         return;
     };
 
-    // An empty client id gets one assigned (MQTT 5, or 3.1.1 with a clean session).
+    // An empty client id gets one assigned (MQTT 5, or 3.1.1 with a clean session). An id that
+    // could widen a topic filter (`+`, `#`, `/`) is refused (AWS-SEMANTICS 21).
     let mut assigned = None;
-    let client_id = if client_id.is_empty() {
-        if codec.version == Version::V311 && !clean {
-            let _ = send(
-                &codec,
-                &mut wr,
-                &mut outbuf,
-                connack(&shared, Some(ConnRefusal::BadClientId), None, false),
-            )
-            .await;
-            return;
-        }
+    let client_id = if client_id.is_empty() && (codec.version == Version::V5 || clean) {
         let id = format!("edgehose-{}", shared.sessions.next_id());
         assigned = Some(id.clone());
         id
     } else {
         client_id
     };
-    if client_id.len() > 128 || client_id.contains(['+', '#', '/', '\0']) {
-        let _ = send(
-            &codec,
-            &mut wr,
-            &mut outbuf,
-            connack(&shared, Some(ConnRefusal::BadClientId), None, false),
-        )
-        .await;
+    if client_id.is_empty() || client_id.len() > 128 || client_id.contains(['+', '#', '/', '\0']) {
+        let refusal = connack(&shared, Some(ConnRefusal::BadClientId), None, false);
+        let _ = send(&codec, &mut wr, &mut outbuf, refusal).await;
         return;
     }
     // The newer connection wins, as in IoT Core.

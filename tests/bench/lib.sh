@@ -1,0 +1,70 @@
+# Shared by the benchmark scripts: build, pick ports, write a scratch config, start and stop
+# the gateway. Source it from a script that has done `cd` to the repository root.
+
+bench_build() {
+    cargo build --release -j2 -p edgehose -p firmware-sim >&2
+    bin=target/release
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
+        || echo $((20000 + RANDOM % 20000))
+}
+
+# Starts edgehose on a fresh scratch directory; sets scratch, mqtt, admin and pid.
+# MODE=frontdoor (default) or MODE=broker (embedded rumqttd, its log LOG_SEGMENT_SIZE x
+# LOG_SEGMENT_COUNT, default 32MiB x 8).
+bench_start() {
+    scratch=$(mktemp -d)
+    mqtt=$(free_port); admin=$(free_port)
+    local ingress
+    if [ "${MODE:-frontdoor}" = broker ]; then
+        ingress="[ingress]
+mode = \"broker\"
+[ingress.broker]
+listen = \"127.0.0.1:$mqtt\"
+log_segment_size = \"${LOG_SEGMENT_SIZE:-32MiB}\"
+log_segment_count = ${LOG_SEGMENT_COUNT:-8}"
+    else
+        ingress="[ingress]
+mode = \"frontdoor\"
+[ingress.frontdoor]
+listen = \"127.0.0.1:$mqtt\""
+    fi
+    cat > "$scratch/bench.toml" <<TOML
+$ingress
+[buffer]
+path = "$scratch/data/edgehose.db"
+[admin]
+listen = "127.0.0.1:$admin"
+[streams.telemetry]
+topics = ["sensors/+/telemetry"]
+partition_key = "\${topic(2)}"
+destinations = ["local"]
+[destinations.local]
+type = "file"
+root = "$scratch/out"
+bucket = "bench"
+buffer_size = "5MiB"
+buffer_interval = "1s"
+TOML
+    $bin/edgehose run --config "$scratch/bench.toml" 2> "$scratch/edgehose.log" &
+    pid=$!
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$admin/healthz" >/dev/null && return 0
+        sleep 0.1
+    done
+    echo "edgehose did not start:" >&2
+    cat "$scratch/edgehose.log" >&2
+    return 1
+}
+
+bench_stop() {
+    kill -TERM "$pid"
+    wait "$pid" || true
+    rm -rf "$scratch"
+}
+
+metric() {
+    curl -s "http://127.0.0.1:$admin/metrics" | awk -v k="$1" '$1==k {print $2}' | tail -n1
+}
