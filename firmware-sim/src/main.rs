@@ -5,6 +5,8 @@
 //! This is the simple publisher the gateway core needs; sensor drivers against embedded-hal,
 //! profiles and fault injection come with the full simulator.
 
+mod raw;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +59,16 @@ struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// MQTT client per device: `rumqttc` (a full client, as devices use) or `raw` (a lean
+    /// MQTT 3.1.1 writer for load tests, so the load generator takes less of the CPU).
+    #[arg(long, value_enum, default_value_t = Engine::Rumqttc)]
+    engine: Engine,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Rumqttc,
+    Raw,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -231,12 +243,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.devices {
-        tasks.spawn(device(
+        let (args, n, counters) = (
             Arc::clone(&args),
             args.first_device + i,
             Arc::clone(&counters),
-            start,
-        ));
+        );
+        match args.engine {
+            Engine::Rumqttc => tasks.spawn(device(args, n, counters, start)),
+            Engine::Raw => tasks.spawn(raw::device(args, n, counters, start)),
+        };
     }
     let mut latencies = Vec::new();
     while let Some(r) = tasks.join_next().await {

@@ -8,6 +8,8 @@
 # Usage: tests/bench/ingest.sh [runs=3] [clients=100] [messages_per_client=5000] [qos=1]
 # MODE=frontdoor (default: PUBACK after commit) or MODE=broker (embedded rumqttd, whose
 # in-memory log is LOG_SEGMENT_SIZE (default 32MiB) x LOG_SEGMENT_COUNT (default 8)).
+# ENGINE=raw (default: firmware-sim's lean MQTT writer) or ENGINE=rumqttc (a full client per
+# device, heavier on the shared CPU).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}; clients=${2:-100}; per=${3:-5000}; qos=${4:-1}
@@ -20,7 +22,7 @@ results=()
 for run in $(seq "$runs"); do
     bench_start
     start=$(date +%s.%N)
-    sim=$($bin/firmware-sim --port "$mqtt" --devices "$clients" --messages "$per" --rate 0 \
+    sim=$($bin/firmware-sim --port "$mqtt" --devices "$clients" --messages "$per" --rate 0 --engine "${ENGINE:-raw}" \
         --qos "$qos" --payload-size 200 --json)
     # Committed + dropped-by-rumqttd accounts for every message rumqttd acknowledged.
     for _ in $(seq 600); do

@@ -6,6 +6,8 @@
 #
 # Usage: tests/bench/steady.sh MSGS_PER_SECOND [seconds=20]
 # MODE=frontdoor (default) or MODE=broker (embedded rumqttd), as in tests/bench/lib.sh.
+# ENGINE=raw (default: firmware-sim's lean MQTT writer) or ENGINE=rumqttc (a full client per
+# device, heavier on the shared CPU).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rate=${1:?messages per second}; secs=${2:-20}
@@ -16,7 +18,7 @@ messages=$(awk -v r="$rate" -v d="$devices" -v s="$secs" 'BEGIN {printf "%d", r 
 . ./tests/bench/lib.sh
 bench_build
 bench_start
-sim=$($bin/firmware-sim --port "$mqtt" --devices $devices --rate "$per_device" --messages "$messages" \
+sim=$($bin/firmware-sim --port "$mqtt" --devices $devices --rate "$per_device" --messages "$messages" --engine "${ENGINE:-raw}" \
     --payload-size 200 --json)
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 written=$(awk '/^write_bytes/ {print $2}' "/proc/$pid/io")

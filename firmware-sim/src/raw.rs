@@ -1,0 +1,135 @@
+//! The `raw` engine: one device as a plain TCP connection speaking MQTT 3.1.1 through rumqttc's
+//! `mqttbytes` codec, without rumqttc's event loop. It keeps up to `--inflight` QoS 1 publishes
+//! unacknowledged and writes them in batches, so a load test spends its CPU on the gateway, not
+//! on the load generator. Same payloads, counters and latency measure as the default engine.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
+use rumqttc::mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{payload, Args, Counters};
+
+const MAX_PACKET: usize = 1024 * 1024;
+
+async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<Packet> {
+    loop {
+        match Packet::read(buf, MAX_PACKET) {
+            Ok(p) => return Ok(p),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => bail!("bad packet from the broker: {e}"),
+        }
+        if stream.read_buf(buf).await? == 0 {
+            bail!("the broker closed the connection");
+        }
+    }
+}
+
+pub async fn device(
+    args: Arc<Args>,
+    n: usize,
+    counters: Arc<Counters>,
+    start: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let id = format!("{}-{}", args.device_prefix, n);
+    let topic = format!("sensors/{id}/telemetry");
+    let mut stream = TcpStream::connect((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("{id}: cannot connect"))?;
+    stream.set_nodelay(true)?;
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut inbuf = BytesMut::with_capacity(64 * 1024);
+    let mut connect = Connect::new(&id);
+    connect.keep_alive = 60;
+    Packet::Connect(connect).write(&mut out, MAX_PACKET)?;
+    stream.write_all(&out).await?;
+    out.clear();
+    match read_packet(&mut stream, &mut inbuf).await? {
+        Packet::ConnAck(ack) if ack.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {}
+        other => bail!("{id}: connection refused: {other:?}"),
+    }
+
+    let qos = if args.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let total = args.messages;
+    let window = args.inflight.max(1) as usize;
+    // Paced: message `seq` is due at `began + seq / rate`; whatever is due goes in one write.
+    let rate = (args.rate > 0.0).then_some(args.rate);
+    let began = tokio::time::Instant::now();
+    let due_at = |seq: u64| match rate {
+        Some(r) => began + Duration::from_secs_f64(seq as f64 / r),
+        None => began,
+    };
+    let deadline = tokio::time::Instant::from_std(start + Duration::from_secs(args.timeout_secs));
+    let mut sent_at: HashMap<u16, Instant> = HashMap::with_capacity(window);
+    let mut latencies = Vec::with_capacity(total as usize);
+    let (mut seq, mut acked, mut next_pkid) = (0u64, 0u64, 0u16);
+    loop {
+        let done = match qos {
+            QoS::AtMostOnce => seq == total,
+            _ => acked == total,
+        };
+        if done {
+            break;
+        }
+        let can_send = seq < total && sent_at.len() < window;
+        tokio::select! {
+            biased;
+            r = stream.read_buf(&mut inbuf), if !sent_at.is_empty() => {
+                if r? == 0 {
+                    bail!("{id}: the broker closed the connection");
+                }
+                loop {
+                    match Packet::read(&mut inbuf, MAX_PACKET) {
+                        Ok(Packet::PubAck(ack)) => {
+                            if let Some(t) = sent_at.remove(&ack.pkid) {
+                                latencies.push(t.elapsed());
+                                acked += 1;
+                                counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                        Err(e) => bail!("{id}: bad packet from the broker: {e}"),
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(due_at(seq)), if can_send => {
+                // Everything due (unpaced: everything), as far as the window allows.
+                let due = match rate {
+                    Some(r) => ((began.elapsed().as_secs_f64() * r) as u64 + 1).min(total),
+                    None => total,
+                };
+                let n = ((due - seq) as usize).min(window - sent_at.len());
+                for _ in 0..n {
+                    let mut p = Publish::new(&topic, qos, payload(&id, seq, args.payload_size));
+                    if qos == QoS::AtLeastOnce {
+                        next_pkid = next_pkid.wrapping_add(1).max(1);
+                        p.pkid = next_pkid;
+                        sent_at.insert(next_pkid, Instant::now());
+                    }
+                    Packet::Publish(p).write(&mut out, MAX_PACKET)?;
+                    seq += 1;
+                }
+                counters.published.fetch_add(n as u64, Ordering::Relaxed);
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            _ = tokio::time::sleep_until(deadline) => bail!("{id}: timed out"),
+        }
+    }
+    Packet::Disconnect.write(&mut out, MAX_PACKET)?;
+    let _ = stream.write_all(&out).await;
+    Ok(latencies)
+}
+
