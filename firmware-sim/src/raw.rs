@@ -132,4 +132,3 @@ pub async fn device(
     let _ = stream.write_all(&out).await;
     Ok(latencies)
 }
-

@@ -192,6 +192,32 @@ fn reject_new_refuses_what_does_not_fit_and_keeps_what_was_committed() {
     assert!(rejected > 0.0, "nothing was rejected");
     assert_eq!(rejected + committed, 8000.0);
     assert!(gw.metric("edgehose_buffer_bytes") <= 1024.0 * 1024.0);
+    // An MQTT 5 device is told why (reason code 0x97, Quota exceeded).
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &gw.mqtt_port.to_string(),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+        ])
+        .args([
+            "-t",
+            "sensors/d1/telemetry",
+            "-m",
+            r#"{"device":"late","seq":0}"#,
+        ])
+        .output()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Quota exceeded"), "{stderr}");
+    assert_eq!(
+        gw.metric("edgehose_messages_rejected_total{reason=\"buffer_full\"}"),
+        rejected + 1.0
+    );
     assert!(gw.terminate().unwrap().success());
     let delivered = device_seqs(&read_objects(&gw.bucket_dir()).unwrap()).len();
     assert_eq!(

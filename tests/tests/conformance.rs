@@ -296,3 +296,91 @@ fn a_persistent_qos_1_subscription_gets_what_was_published_while_offline() {
     }
     assert!(gw.terminate().unwrap().success());
 }
+
+#[test]
+fn a_will_is_committed_when_a_device_vanishes_but_not_after_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let port = gw.mqtt_port.to_string();
+    let will = |device: &str| {
+        let topic = format!("sensors/{device}/telemetry");
+        let payload = format!(r#"{{"device":"{device}","seq":0}}"#);
+        Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                "mqttv311",
+                "-t",
+                "x/#",
+            ])
+            .args([
+                "--will-topic",
+                &topic,
+                "--will-payload",
+                &payload,
+                "--will-qos",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // One device vanishes (SIGKILL: no DISCONNECT), the other says goodbye (SIGINT: DISCONNECT).
+    let mut vanished = will("vanished");
+    let mut polite = will("polite");
+    wait_until(Duration::from_secs(10), "both connections", || {
+        gw.metric("edgehose_connections_total") >= 2.0
+    })
+    .unwrap();
+    vanished.kill().unwrap();
+    vanished.wait().unwrap();
+    Command::new("kill")
+        .args(["-INT", &polite.id().to_string()])
+        .status()
+        .unwrap();
+    polite.wait().unwrap();
+    wait_until(Duration::from_secs(10), "the will to be committed", || {
+        gw.metric("edgehose_records_committed_total") >= 1.0
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(gw.terminate().unwrap().success());
+    let seqs = device_seqs(&read_objects(&gw.bucket_dir()).unwrap());
+    assert_eq!(seqs, [("vanished".to_string(), 0)]);
+}
+
+#[test]
+fn a_silent_connection_is_closed_after_one_and_a_half_keep_alives() {
+    use rumqttc::mqttbytes::v4::{Connect, Packet};
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.mqtt_port)).unwrap();
+    let mut connect = Connect::new("silent");
+    connect.keep_alive = 1;
+    let mut buf = bytes::BytesMut::new();
+    Packet::Connect(connect).write(&mut buf, 1024).unwrap();
+    s.write_all(&buf).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let n = s.read_to_end(&mut rest).unwrap_or(0);
+    let waited = started.elapsed();
+    assert_eq!(
+        n, 0,
+        "closed without a packet (MQTT 3.1.1 has no server DISCONNECT)"
+    );
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
+    assert!(gw.terminate().unwrap().success());
+}
