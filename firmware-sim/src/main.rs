@@ -1,19 +1,22 @@
 //! firmware-sim: a simulated device fleet. Each device is its own MQTT connection and client id,
-//! publishing JSON telemetry (device id, per-device sequence number, timestamp, readings) on
-//! `sensors/<device-id>/telemetry`. Prints a summary, or JSON with `--json`.
-//!
-//! This is the simple publisher the gateway core needs; sensor drivers against embedded-hal,
-//! profiles and fault injection come with the full simulator.
+//! runs firmware that reads its sensors through embedded-hal drivers (SHT3x, BMP280) on a
+//! simulated I2C bus with a physical model and injectable faults, and publishes JSON telemetry
+//! (device id, per-device sequence number, timestamp, readings, fault flags) on
+//! `sensors/<device-id>/telemetry`. Fleets come from profiles (`config/sim/*.toml`). Prints a
+//! live progress line and a summary, or the summary as JSON with `--json`.
 
+mod fleet;
+mod profile;
 mod raw;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use fleet::DeviceSpec;
+use profile::Profile;
 use serde::Serialize;
 
 #[derive(Parser, Debug, Clone)]
@@ -32,15 +35,53 @@ struct Args {
     /// Number of devices, each with its own connection and client id.
     #[arg(long, short = 'n', default_value_t = 10)]
     devices: usize,
-    /// Messages each device publishes before it disconnects.
+    /// Messages each device publishes before it disconnects (see also --duration-secs).
     #[arg(long, short = 'm', default_value_t = 100)]
     messages: u64,
     /// MQTT QoS: 0 or 1.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
-    /// Messages per second per device; 0 publishes as fast as the broker accepts.
+    /// Messages per second per device, overriding the profile; 0 publishes as fast as the
+    /// broker acknowledges.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Messages per second for the whole fleet, shared equally (instead of --rate).
+    #[arg(long, conflicts_with = "rate")]
+    total_rate: Option<f64>,
+    /// Run for this many seconds instead of a message count: each device publishes
+    /// rate x seconds messages.
+    #[arg(long)]
+    duration_secs: Option<f64>,
+    /// Fleet profile: a name from config/sim (greenhouse, cold-chain, factory-line) or a path to
+    /// a TOML file. Without one, every device is a room-climate node at 1 msg/s.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Seed for the sensors' noise and faults (the same seed gives the same readings).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Spread device start-up over at most this many seconds (0: all at once, a connection storm).
     #[arg(long, default_value_t = 1.0)]
-    rate: f64,
+    spread: f64,
+    /// Share of messages sent as malformed JSON (for the gateway's refusal path).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_share: f64,
+    /// Share of messages sent over IoT Core's 128 KB payload limit.
+    #[arg(long, default_value_t = 0.0)]
+    oversized_share: f64,
+    /// Give every group of this many devices the same client id (0: unique ids), so the
+    /// gateway's newest-connection-wins rule is exercised.
+    #[arg(long, default_value_t = 0)]
+    duplicate_ids: usize,
+    /// MQTT username (with --password).
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    /// MQTT password (with --username).
+    #[arg(long, requires = "username")]
+    password: Option<String>,
+    /// Give up on a device after this many failed reconnects in a row (0: keep trying until
+    /// --timeout-secs).
+    #[arg(long, default_value_t = 0)]
+    max_reconnects: u32,
     /// Pad each JSON payload to at least this many bytes.
     #[arg(long, default_value_t = 200)]
     payload_size: usize,
@@ -77,6 +118,7 @@ struct Summary {
     published: u64,
     acknowledged: u64,
     failed_devices: u64,
+    reconnects: u64,
     elapsed_s: f64,
     rate_msg_s: f64,
     puback_latency_ms_p50: f64,
@@ -89,121 +131,43 @@ struct Counters {
     published: AtomicU64,
     acknowledged: AtomicU64,
     failed: AtomicU64,
+    reconnects: AtomicU64,
 }
 
-/// One telemetry reading, as the device firmware would send it.
-fn payload(device: &str, seq: u64, pad_to: usize) -> Vec<u8> {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    // A smooth daily-ish curve, so the data looks like a sensor rather than a counter.
-    let phase = (seq as f64 / 600.0).sin();
-    let mut body = format!(
-        r#"{{"device":"{device}","seq":{seq},"ts":{ts},"temperature_c":{:.2},"humidity_pct":{:.2}"#,
-        21.0 + 4.0 * phase,
-        45.0 - 10.0 * phase
-    );
-    let close = r#","pad":""}"#;
-    if body.len() + close.len() < pad_to {
-        body.push_str(r#","pad":""#);
-        body.extend(std::iter::repeat_n('x', pad_to - body.len() - 2));
-        body.push_str(r#""}"#);
-    } else {
-        body.push('}');
+/// One spec per device: its group in the profile, with the command line's overrides.
+fn plan(args: &Args, profile: &Profile) -> anyhow::Result<Vec<DeviceSpec>> {
+    if args.duration_secs.is_some() && args.rate == Some(0.0) {
+        bail!("--duration-secs needs a rate above 0");
     }
-    body.into_bytes()
-}
-
-async fn device(
-    args: Arc<Args>,
-    n: usize,
-    counters: Arc<Counters>,
-    start: Instant,
-) -> anyhow::Result<Vec<Duration>> {
-    let id = format!("{}-{}", args.device_prefix, n);
-    let topic = format!("sensors/{id}/telemetry");
-    let mut opts = MqttOptions::new(&id, &args.host, args.port);
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_inflight(args.inflight)
-        .set_max_packet_size(1024 * 1024, 1024 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    let qos = if args.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
-    let total = args.messages;
-    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
-
-    // Publisher: paces the messages and hands them to the event loop.
-    let publisher = {
-        let client = client.clone();
-        let args = Arc::clone(&args);
-        let id = id.clone();
-        tokio::spawn(async move {
-            // Spread start-up over the first interval so the broker sees no thundering herd.
-            if let Some(i) = interval {
-                let offset = i.mul_f64((n % 1000) as f64 / 1000.0);
-                tokio::time::sleep(offset).await;
-            }
-            let mut tick = interval.map(tokio::time::interval);
-            for seq in 0..total {
-                if let Some(t) = tick.as_mut() {
-                    t.tick().await;
-                }
-                let body = payload(&id, seq, args.payload_size);
-                if client.publish(&topic, qos, false, body).await.is_err() {
-                    return;
-                }
+    Ok((0..args.devices)
+        .map(|i| {
+            let n = args.first_device + i;
+            let group = profile.group_of(i, args.devices);
+            let rate = args
+                .total_rate
+                .map(|t| t / args.devices as f64)
+                .or(args.rate)
+                .unwrap_or(group.rate);
+            let messages = match args.duration_secs {
+                Some(secs) => (rate * secs).round().max(1.0) as u64,
+                None => args.messages,
+            };
+            let id_n = if args.duplicate_ids > 1 {
+                n / args.duplicate_ids
+            } else {
+                n
+            };
+            DeviceSpec {
+                n,
+                id: format!("{}-{}", args.device_prefix, id_n),
+                rate,
+                messages,
+                sensors: group.sensors.clone(),
+                environment: group.environment,
+                faults: group.faults,
             }
         })
-    };
-
-    let mut sent_at: std::collections::HashMap<u16, Instant> = Default::default();
-    let mut latencies = Vec::new();
-    let mut outgoing = 0u64;
-    let mut acked = 0u64;
-    let deadline = start + Duration::from_secs(args.timeout_secs);
-    loop {
-        let done = outgoing == total && (qos == QoS::AtMostOnce || acked == total);
-        if done {
-            break;
-        }
-        let event = tokio::time::timeout_at(deadline.into(), eventloop.poll())
-            .await
-            .context("timed out")?
-            .with_context(|| format!("{id}: connection failed"))?;
-        match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                outgoing += 1;
-                counters.published.fetch_add(1, Ordering::Relaxed);
-                if qos == QoS::AtLeastOnce {
-                    sent_at.insert(pkid, Instant::now());
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                acked += 1;
-                counters.acknowledged.fetch_add(1, Ordering::Relaxed);
-                if let Some(t) = sent_at.remove(&ack.pkid) {
-                    latencies.push(t.elapsed());
-                }
-            }
-            _ => {}
-        }
-    }
-    publisher.abort();
-    client.disconnect().await.ok();
-    // Let the DISCONNECT go out.
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Ok(e) = eventloop.poll().await {
-            if matches!(e, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
-    Ok(latencies)
+        .collect())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -220,6 +184,20 @@ async fn main() -> anyhow::Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
+    let profile = match &args.profile {
+        Some(name) => Profile::load(name)?,
+        None => Profile::default_fleet(),
+    };
+    let specs = plan(&args, &profile)?;
+    if !args.json {
+        eprintln!(
+            "{} devices ({}) -> {}:{}",
+            specs.len(),
+            profile.description,
+            args.host,
+            args.port
+        );
+    }
     let counters = Arc::new(Counters::default());
     let start = Instant::now();
     let progress = {
@@ -228,29 +206,30 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
+            let mut last = 0;
             loop {
                 tick.tick().await;
+                let published = counters.published.load(Ordering::Relaxed);
                 if !quiet {
                     eprintln!(
-                        "[{:>5.1}s] published {} acknowledged {}",
+                        "[{:>5.1}s] published {published} ({}/s) acknowledged {} reconnects {} failed devices {}",
                         start.elapsed().as_secs_f64(),
-                        counters.published.load(Ordering::Relaxed),
-                        counters.acknowledged.load(Ordering::Relaxed)
+                        published - last,
+                        counters.acknowledged.load(Ordering::Relaxed),
+                        counters.reconnects.load(Ordering::Relaxed),
+                        counters.failed.load(Ordering::Relaxed),
                     );
                 }
+                last = published;
             }
         })
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.devices {
-        let (args, n, counters) = (
-            Arc::clone(&args),
-            args.first_device + i,
-            Arc::clone(&counters),
-        );
+    for spec in specs {
+        let (args, counters) = (Arc::clone(&args), Arc::clone(&counters));
         match args.engine {
-            Engine::Rumqttc => tasks.spawn(device(args, n, counters, start)),
-            Engine::Raw => tasks.spawn(raw::device(args, n, counters, start)),
+            Engine::Rumqttc => tasks.spawn(fleet::device(args, spec, counters, start)),
+            Engine::Raw => tasks.spawn(raw::device(args, spec, counters, start)),
         };
     }
     let mut latencies = Vec::new();
@@ -276,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
         published,
         acknowledged: counters.acknowledged.load(Ordering::Relaxed),
         failed_devices: counters.failed.load(Ordering::Relaxed),
+        reconnects: counters.reconnects.load(Ordering::Relaxed),
         elapsed_s: elapsed,
         rate_msg_s: published as f64 / elapsed.max(1e-9),
         puback_latency_ms_p50: percentile(&latencies, 0.50),
@@ -308,14 +288,37 @@ async fn main() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn args(extra: &[&str]) -> Args {
+        Args::parse_from(["firmware-sim"].iter().chain(extra))
+    }
+
     #[test]
-    fn payload_is_json_with_device_and_seq_and_padded() {
-        let p = payload("dev-3", 42, 200);
-        assert!(p.len() >= 200, "{}", p.len());
-        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
-        assert_eq!(v["device"], "dev-3");
-        assert_eq!(v["seq"], 42);
-        let small = payload("d", 1, 10);
-        serde_json::from_slice::<serde_json::Value>(&small).unwrap();
+    fn the_plan_follows_the_profile_and_the_overrides() {
+        let profile = Profile::load("greenhouse").unwrap();
+        let specs = plan(&args(&["-n", "10", "--duration-secs", "30"]), &profile).unwrap();
+        assert_eq!(specs.len(), 10);
+        let climate = specs.iter().filter(|s| s.sensors.len() == 2).count();
+        assert_eq!(climate, 8);
+        // greenhouse climate nodes publish 0.2 msg/s: 6 messages in 30 s.
+        assert_eq!(specs[0].messages, 6);
+        assert_eq!(specs[0].id, "dev-0");
+
+        let specs = plan(&args(&["-n", "4", "--total-rate", "100"]), &profile).unwrap();
+        assert!(specs.iter().all(|s| s.rate == 25.0));
+
+        let specs = plan(&args(&["-n", "4", "--duplicate-ids", "2"]), &profile).unwrap();
+        let ids: Vec<_> = specs.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["dev-0", "dev-0", "dev-1", "dev-1"]);
+    }
+
+    #[test]
+    fn every_option_is_explained() {
+        use clap::CommandFactory;
+        for arg in Args::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" {
+                assert!(arg.get_help().is_some(), "--{id} has no help text");
+            }
+        }
     }
 }

@@ -15,7 +15,8 @@ use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{payload, Args, Counters};
+use crate::fleet::{DeviceSpec, Source};
+use crate::{Args, Counters};
 
 const MAX_PACKET: usize = 1024 * 1024;
 
@@ -34,12 +35,13 @@ async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Resu
 
 pub async fn device(
     args: Arc<Args>,
-    n: usize,
+    spec: DeviceSpec,
     counters: Arc<Counters>,
     start: Instant,
 ) -> anyhow::Result<Vec<Duration>> {
-    let id = format!("{}-{}", args.device_prefix, n);
-    let topic = format!("sensors/{id}/telemetry");
+    let id = spec.id.clone();
+    let topic = spec.topic();
+    let mut source = Source::new(&spec, &args);
     let mut stream = TcpStream::connect((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("{id}: cannot connect"))?;
@@ -61,10 +63,10 @@ pub async fn device(
     } else {
         QoS::AtLeastOnce
     };
-    let total = args.messages;
+    let total = spec.messages;
     let window = args.inflight.max(1) as usize;
     // Paced: message `seq` is due at `began + seq / rate`; whatever is due goes in one write.
-    let rate = (args.rate > 0.0).then_some(args.rate);
+    let rate = (spec.rate > 0.0).then_some(spec.rate);
     let began = tokio::time::Instant::now();
     let due_at = |seq: u64| match rate {
         Some(r) => began + Duration::from_secs_f64(seq as f64 / r),
@@ -112,7 +114,7 @@ pub async fn device(
                 };
                 let n = ((due - seq) as usize).min(window - sent_at.len());
                 for _ in 0..n {
-                    let mut p = Publish::new(&topic, qos, payload(&id, seq, args.payload_size));
+                    let mut p = Publish::new(&topic, qos, source.next(seq));
                     if qos == QoS::AtLeastOnce {
                         next_pkid = next_pkid.wrapping_add(1).max(1);
                         p.pkid = next_pkid;
