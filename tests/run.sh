@@ -43,6 +43,8 @@ if cargo clippy --version >/dev/null 2>&1; then
     echo "== cargo clippy"
     cargo clippy --locked -j2 --workspace --all-targets -- -D warnings
 fi
+echo "== checking firmware-sim's hardware build (real I2C through linux-embedded-hal)"
+cargo clippy --locked -j2 -p firmware-sim --features hardware -- -D warnings
 echo "== building the binaries the end-to-end tests run"
 cargo build --locked -j2 --workspace --bins
 echo "== cargo test"

@@ -59,6 +59,10 @@ fn main() -> ExitCode {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
+            // Every device is a socket: take the hard limit on open files (systemd's LimitNOFILE).
+            if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+                tracing::warn!(error = %e, "cannot raise the open-files limit");
+            }
             let config = match edgehose::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {

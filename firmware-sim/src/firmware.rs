@@ -50,7 +50,8 @@ pub struct Firmware<B, D> {
     bus: B,
     delay: D,
     sensors: Vec<SensorKind>,
-    bmp_ready: bool,
+    /// The BMP280's calibration, read once.
+    bmp_calibration: Option<bmp280::Calibration>,
     pad_to: usize,
 }
 
@@ -61,7 +62,7 @@ impl<B: I2c, D: DelayNs> Firmware<B, D> {
             bus,
             delay,
             sensors,
-            bmp_ready: false,
+            bmp_calibration: None,
             pad_to,
         }
     }
@@ -96,18 +97,22 @@ impl<B: I2c, D: DelayNs> Firmware<B, D> {
                     }
                 }
                 SensorKind::Bmp280 => {
-                    let mut bmp = bmp280::Bmp280::new(&mut self.bus, bmp280::DEFAULT_ADDRESS);
                     // The calibration is read once; a failed read is retried next sample.
-                    let init = match self.bmp_ready {
-                        true => Ok(()),
-                        false => bmp.init(),
-                    };
-                    let reading = init.and_then(|_| {
-                        if !self.bmp_ready {
-                            self.bmp_ready = true;
+                    let reading = match self.bmp_calibration {
+                        Some(cal) => bmp280::Bmp280::with_calibration(
+                            &mut self.bus,
+                            bmp280::DEFAULT_ADDRESS,
+                            cal,
+                        )
+                        .measure(&mut self.delay),
+                        None => {
+                            let mut bmp =
+                                bmp280::Bmp280::new(&mut self.bus, bmp280::DEFAULT_ADDRESS);
+                            let r = bmp.init().and_then(|_| bmp.measure(&mut self.delay));
+                            self.bmp_calibration = bmp.calibration();
+                            r
                         }
-                        bmp.measure(&mut self.delay)
-                    });
+                    };
                     match reading {
                         Ok(r) => {
                             t.pressure_hpa = Some(round2(r.pressure_pa as f32 / 100.0));
@@ -164,6 +169,9 @@ mod tests {
         assert!(v["humidity_pct"].as_f64().unwrap() > 0.0);
         assert!(v["pressure_hpa"].as_f64().unwrap() > 900.0);
         assert_eq!(v["faults"].as_array().unwrap().len(), 0);
+        // Later samples reuse the calibration read the first time.
+        let v: serde_json::Value = serde_json::from_slice(&f.sample(8, 1_700_000_001_000)).unwrap();
+        assert!(v["pressure_hpa"].as_f64().unwrap() > 900.0, "{v}");
     }
 
     #[test]

@@ -40,9 +40,28 @@ impl DeviceSpec {
 /// IoT Core's payload limit; oversized payloads are made just over it.
 const OVERSIZED: usize = 128 * 1024 + 1024;
 
+/// Firmware that can be asked for the next telemetry payload.
+pub trait Sampler: Send {
+    fn next_sample(&mut self, seq: u64, ts_ms: u64) -> Vec<u8>;
+}
+
+impl Sampler for Firmware<SimBus, NoDelay> {
+    fn next_sample(&mut self, seq: u64, ts_ms: u64) -> Vec<u8> {
+        self.bus_mut().set_time(ts_ms as f64 / 1000.0);
+        self.sample(seq, ts_ms)
+    }
+}
+
+#[cfg(feature = "hardware")]
+impl Sampler for Firmware<linux_embedded_hal::I2cdev, linux_embedded_hal::Delay> {
+    fn next_sample(&mut self, seq: u64, ts_ms: u64) -> Vec<u8> {
+        self.sample(seq, ts_ms)
+    }
+}
+
 /// Produces a device's payloads: a sensor sample, sometimes broken on purpose.
 pub struct Source {
-    firmware: Firmware<SimBus, NoDelay>,
+    firmware: Box<dyn Sampler>,
     malformed: f64,
     oversized: f64,
     rng: SmallRng,
@@ -56,17 +75,32 @@ pub fn now_ms() -> u64 {
 }
 
 impl Source {
-    pub fn new(spec: &DeviceSpec, args: &Args) -> Self {
+    /// The device's firmware on a simulated bus, or (with the `hardware` feature and
+    /// `--i2c-bus`) on a real one.
+    pub fn new(spec: &DeviceSpec, args: &Args) -> anyhow::Result<Self> {
         let seed = args.seed ^ (spec.n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let bus = SimBus::new(spec.environment, spec.faults, seed);
-        Self {
-            firmware: Firmware::new(
-                spec.id.clone(),
+        let (id, sensors) = (spec.id.clone(), spec.sensors.clone());
+        #[cfg(feature = "hardware")]
+        if let Some(path) = &args.i2c_bus {
+            let bus = linux_embedded_hal::I2cdev::new(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let firmware = Firmware::new(
+                id,
                 bus,
-                NoDelay,
-                spec.sensors.clone(),
+                linux_embedded_hal::Delay,
+                sensors,
                 args.payload_size,
-            ),
+            );
+            return Ok(Self::with(Box::new(firmware), args, seed));
+        }
+        let bus = SimBus::new(spec.environment, spec.faults, seed);
+        let firmware = Firmware::new(id, bus, NoDelay, sensors, args.payload_size);
+        Ok(Self::with(Box::new(firmware), args, seed))
+    }
+
+    fn with(firmware: Box<dyn Sampler>, args: &Args, seed: u64) -> Self {
+        Self {
+            firmware,
             malformed: args.malformed_share,
             oversized: args.oversized_share,
             rng: SmallRng::seed_from_u64(seed.rotate_left(17)),
@@ -74,9 +108,7 @@ impl Source {
     }
 
     pub fn next(&mut self, seq: u64) -> Vec<u8> {
-        let ts = now_ms();
-        self.firmware.bus_mut().set_time(ts as f64 / 1000.0);
-        let mut body = self.firmware.sample(seq, ts);
+        let mut body = self.firmware.next_sample(seq, now_ms());
         let roll: f64 = self.rng.random();
         if roll < self.malformed {
             // Cut mid-document: not JSON any more.
@@ -115,7 +147,7 @@ pub async fn device(
     // Publisher: samples the sensors at the device's rate and queues each message.
     let publisher = {
         let client = client.clone();
-        let mut source = Source::new(&spec, &args);
+        let mut source = Source::new(&spec, &args)?;
         let spread = args.spread;
         let n = spec.n;
         tokio::spawn(async move {

@@ -100,6 +100,11 @@ struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Read real sensors on this I2C bus (e.g. /dev/i2c-1 on a Raspberry Pi) instead of the
+    /// simulated one; needs --devices 1 (built with `--features hardware`).
+    #[cfg(feature = "hardware")]
+    #[arg(long)]
+    i2c_bus: Option<std::path::PathBuf>,
     /// MQTT client per device: `rumqttc` (a full client, as devices use) or `raw` (a lean
     /// MQTT 3.1.1 writer for load tests, so the load generator takes less of the CPU).
     #[arg(long, value_enum, default_value_t = Engine::Rumqttc)]
@@ -184,6 +189,12 @@ async fn main() -> anyhow::Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
+    #[cfg(feature = "hardware")]
+    if args.i2c_bus.is_some() && args.devices != 1 {
+        bail!("--i2c-bus reads one real device: use --devices 1");
+    }
+    // Thousands of devices need thousands of sockets.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let profile = match &args.profile {
         Some(name) => Profile::load(name)?,
         None => Profile::default_fleet(),

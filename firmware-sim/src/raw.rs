@@ -41,7 +41,7 @@ pub async fn device(
 ) -> anyhow::Result<Vec<Duration>> {
     let id = spec.id.clone();
     let topic = spec.topic();
-    let mut source = Source::new(&spec, &args);
+    let mut source = Source::new(&spec, &args)?;
     let mut stream = TcpStream::connect((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("{id}: cannot connect"))?;

@@ -149,6 +149,19 @@ impl<I2C: I2c> Bmp280<I2C> {
         }
     }
 
+    /// A driver for a sensor whose calibration was read before (it never changes).
+    pub fn with_calibration(i2c: I2C, address: u8, calibration: Calibration) -> Self {
+        Self {
+            i2c,
+            address,
+            calibration: Some(calibration),
+        }
+    }
+
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.calibration
+    }
+
     /// Checks the chip id and reads the calibration.
     pub fn init(&mut self) -> Result<(), Error<I2C::Error>> {
         let mut id = [0u8];
