@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs edgehose on its embedded default (embedded MQTT broker on 127.0.0.1:1883, SQLite buffer
 # under data/, Firehose-layout objects under out/) with a simulated fleet feeding it, then stops
-# it cleanly. Usage: ./demo.sh [firmware-sim options]   (default: 50 devices, 5 msg/s, 30 s)
+# it cleanly. Usage: ./demo.sh [firmware-sim options]
+# Default: the greenhouse fleet profile (config/sim/greenhouse.toml), 200 devices at 1 msg/s
+# each for 30 s, reading simulated SHT3x and BMP280 sensors through their drivers.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,7 +18,7 @@ for _ in $(seq 100); do
 done
 
 if [ $# -eq 0 ]; then
-    set -- --devices 50 --rate 5 --messages 150
+    set -- --profile greenhouse --devices 200 --rate 1 --duration-secs 30
 fi
 ./target/release/firmware-sim --host 127.0.0.1 --port 1883 "$@"
 

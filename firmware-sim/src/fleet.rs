@@ -149,6 +149,7 @@ pub async fn device(
         let client = client.clone();
         let mut source = Source::new(&spec, &args)?;
         let spread = args.spread;
+        let (burst_every, burst_size) = (args.burst_every_secs, args.burst_size);
         let n = spec.n;
         tokio::spawn(async move {
             // Spread start-up so the gateway sees no thundering herd (unless --spread 0).
@@ -159,9 +160,20 @@ pub async fn device(
                 tokio::time::sleep(offset).await;
             }
             let mut tick = interval.map(tokio::time::interval);
+            let burst_every = (burst_every > 0.0).then(|| Duration::from_secs_f64(burst_every));
+            let mut next_burst = burst_every.map(|b| tokio::time::Instant::now() + b);
+            let mut burst_left = 0u64;
             for seq in 0..total {
-                if let Some(t) = tick.as_mut() {
+                if burst_left > 0 {
+                    burst_left -= 1;
+                } else if let Some(t) = tick.as_mut() {
                     t.tick().await;
+                    if let (Some(at), Some(every)) = (next_burst, burst_every) {
+                        if tokio::time::Instant::now() >= at {
+                            burst_left = burst_size;
+                            next_burst = Some(at + every);
+                        }
+                    }
                 }
                 if client
                     .publish(&topic, qos, false, source.next(seq))

@@ -68,6 +68,13 @@ struct Args {
     /// Share of messages sent over IoT Core's 128 KB payload limit.
     #[arg(long, default_value_t = 0.0)]
     oversized_share: f64,
+    /// Every this many seconds each device sends a burst of --burst-size messages at once (out
+    /// of its message budget), as devices flushing a backlog do (0: no bursts).
+    #[arg(long, default_value_t = 0.0)]
+    burst_every_secs: f64,
+    /// Messages in each burst (see --burst-every-secs).
+    #[arg(long, default_value_t = 50)]
+    burst_size: u64,
     /// Give every group of this many devices the same client id (0: unique ids), so the
     /// gateway's newest-connection-wins rule is exercised.
     #[arg(long, default_value_t = 0)]
