@@ -5,17 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# mosquitto: the external broker for client-mode tests; mosquitto-clients: third-party MQTT
-# 3.1.1 and 5 clients for the front door's conformance tests.
+# mosquitto: the external broker for client-mode and simulator TLS tests; mosquitto-clients:
+# third-party MQTT 3.1.1 and 5 clients for the front door's conformance tests; openssl: makes
+# the test CA and certificates.
 if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } \
-    || ! command -v mosquitto_sub >/dev/null 2>&1; then
+    || ! command -v mosquitto_sub >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
-        echo "== installing mosquitto and mosquitto-clients"
+        echo "== installing mosquitto, mosquitto-clients and openssl"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null
+        apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients openssl >/dev/null
     else
-        echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients' (or run this as root)" >&2
+        echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients openssl' (or run this as root)" >&2
         exit 1
     fi
 fi

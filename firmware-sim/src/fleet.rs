@@ -135,6 +135,20 @@ pub async fn device(
     if let (Some(user), Some(pass)) = (&args.username, &args.password) {
         opts.set_credentials(user, pass);
     }
+    if let Some(ca) = &args.tls_ca {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let client_auth = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+            ca: read(ca)?,
+            alpn: None,
+            client_auth,
+        }));
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let qos = if args.qos == 0 {
         QoS::AtMostOnce

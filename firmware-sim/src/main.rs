@@ -85,6 +85,15 @@ struct Args {
     /// MQTT password (with --username).
     #[arg(long, requires = "username")]
     password: Option<String>,
+    /// Connect over TLS, trusting this CA certificate (PEM). Default engine only.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for TLS client authentication, with --tls-key.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<std::path::PathBuf>,
     /// Give up on a device after this many failed reconnects in a row (0: keep trying until
     /// --timeout-secs).
     #[arg(long, default_value_t = 0)]
@@ -199,6 +208,13 @@ async fn main() -> anyhow::Result<()> {
     #[cfg(feature = "hardware")]
     if args.i2c_bus.is_some() && args.devices != 1 {
         bail!("--i2c-bus reads one real device: use --devices 1");
+    }
+    if args.tls_ca.is_some() {
+        if args.engine == Engine::Raw {
+            bail!("--tls-ca works with the default engine (rumqttc), not --engine raw");
+        }
+        // rustls with the ring provider: small, and builds without a C toolchain beyond cc.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
     // Thousands of devices need thousands of sockets.
     let _ = rlimit::increase_nofile_limit(u64::MAX);

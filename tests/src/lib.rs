@@ -517,6 +517,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, "allow_anonymous true\n")
+    }
+
+    /// Starts mosquitto with `extra` appended to its listener block (TLS files, auth).
+    pub fn start_with(dir: &Path, extra: &str) -> anyhow::Result<Self> {
         let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -528,8 +533,11 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 1000000\nmax_inflight_messages 100\n"
+                // As root, mosquitto would switch to its own user, which cannot read the test's
+                // files; elsewhere `user` is ignored.
+                "user root\nper_listener_settings false\npersistence false\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 100\n\
+                 listener {port} 127.0.0.1\n{extra}"
             ),
         )?;
         let child = Command::new(exe)
