@@ -24,6 +24,27 @@ use crate::metrics as m;
 use crate::routing::{Reject, TopicFilter};
 use crate::shutdown::Shutdown;
 
+/// A connection reads at least this much at a time, and at most [`MAX_READ`]: a device that
+/// fills its reads gets bigger ones, so fast publishers need few system calls while 10,000 slow
+/// ones keep small buffers.
+const MIN_READ: usize = 1024;
+const MAX_READ: usize = 64 * 1024;
+
+/// Reads what the socket has, growing the read size while reads come back full.
+async fn read_some(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    size: &mut usize,
+) -> std::io::Result<usize> {
+    buf.reserve(*size);
+    let room = buf.capacity() - buf.len();
+    let n = rd.read_buf(buf).await?;
+    if n == room {
+        *size = (*size * 2).min(MAX_READ);
+    }
+    Ok(n)
+}
+
 /// How long a connection waits at shutdown for its last acks.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 
@@ -74,8 +95,9 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let (mut rd, mut wr) = stream.into_split();
-    let mut inbuf = BytesMut::with_capacity(16 * 1024);
-    let mut outbuf = BytesMut::with_capacity(4 * 1024);
+    // Small to start: 10,000 idle devices must not cost 10,000 large buffers. They grow as needed.
+    let mut inbuf = BytesMut::with_capacity(MIN_READ);
+    let mut outbuf = BytesMut::with_capacity(256);
 
     // CONNECT, within the connect timeout.
     let connect = tokio::time::timeout(shared.connect_timeout, async {
@@ -275,6 +297,7 @@ impl Connection {
         let grace = Duration::from_millis(keep_alive as u64 * 1500);
         let mut deadline = Instant::now() + grace;
         let window = self.shared.receive_maximum as usize;
+        let mut read_size = MIN_READ;
         loop {
             // Handle every whole packet already read, while the window has room.
             while self.inflight < window {
@@ -330,7 +353,7 @@ impl Connection {
                     }
                 }
                 _ = opened.notify.notified() => self.send_queued(outbuf, &opened.notify),
-                r = rd.read_buf(inbuf), if reading => match r {
+                r = read_some(rd, inbuf, &mut read_size), if reading => match r {
                     Ok(0) | Err(_) => return End::Abnormal("connection closed without DISCONNECT"),
                     Ok(_) => deadline = Instant::now() + grace,
                 },
