@@ -88,10 +88,8 @@ pub struct Setup {
     pub broker_log: (&'static str, usize),
     /// The `file` destination's root, relative to the scratch directory unless absolute.
     pub root: &'static str,
-    /// Also listen for MQTT 5 on this port.
+    /// With `rumqttd`: also listen for MQTT 5 on this port.
     pub listen_v5: Option<u16>,
-    /// Extra TOML appended to the config.
-    pub extra: String,
 }
 
 impl Default for Setup {
@@ -108,7 +106,6 @@ impl Default for Setup {
             broker_log: ("16MiB", 4),
             listen_v5: None,
             root: "out",
-            extra: String::new(),
         }
     }
 }
@@ -176,7 +173,7 @@ delivery_stream = "{stream}"
 buffer_size = "{size}"
 buffer_interval = "{interval}"
 compression = "{compression}"
-{extra}
+
 "#,
             dir = dir.display(),
             max_size = setup.max_size,
@@ -186,7 +183,6 @@ compression = "{compression}"
             size = setup.buffer_size,
             interval = setup.buffer_interval,
             compression = setup.compression,
-            extra = setup.extra,
             shutdown_timeout = setup.shutdown_timeout,
             root = dir.join(setup.root).display(),
         );

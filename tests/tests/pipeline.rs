@@ -138,12 +138,29 @@ fn the_interval_flushes_without_shutdown() {
 
 #[test]
 fn mqtt_5_devices_are_taken_on_the_same_port() {
+    mqtt_5_publish(false);
+}
+
+#[test]
+fn mqtt_5_devices_are_taken_on_rumqttds_v5_listener() {
+    mqtt_5_publish(true);
+}
+
+/// 50 QoS 1 publishes from an MQTT 5 client: to the front door's one port, or to the embedded
+/// rumqttd's separate v5 listener.
+fn mqtt_5_publish(rumqttd: bool) {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
 
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
-    let v5 = gw.mqtt_port;
+    let v5_port = free_port();
+    let setup = Setup {
+        rumqttd,
+        listen_v5: rumqttd.then_some(v5_port),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let v5 = if rumqttd { v5_port } else { gw.mqtt_port };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let acked = rt.block_on(async {
         let (client, mut eventloop) =
