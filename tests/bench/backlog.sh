@@ -11,32 +11,12 @@ records=${1:-1000000}
 bench_build
 scratch=$(mktemp -d)
 mqtt=$(free_port); admin=$(free_port)
-config() {
-    cat <<TOML
-[ingress.frontdoor]
-listen = "127.0.0.1:$mqtt"
-[buffer]
-path = "$scratch/data/edgehose.db"
-[admin]
-listen = "127.0.0.1:$admin"
-[streams.telemetry]
-topics = ["sensors/+/telemetry"]
-destinations = ["local"]
-[destinations.local]
-type = "file"
-root = "$1"
-bucket = "bench"
-buffer_size = "5MiB"
-buffer_interval = "1s"
-TOML
-}
-config /proc/edgehose-nowhere > "$scratch/fill.toml"
-config "$scratch/out" > "$scratch/drain.toml"
-wait_ready() { until curl -sf "http://127.0.0.1:$admin/healthz" >/dev/null; do sleep 0.005; done; }
+bench_config /proc/edgehose-nowhere > "$scratch/fill.toml"
+bench_config > "$scratch/drain.toml"
 
 $bin/edgehose run --config "$scratch/fill.toml" 2> "$scratch/fill.log" &
 pid=$!
-wait_ready
+bench_wait_ready
 $bin/firmware-sim --port "$mqtt" --devices 100 --messages $((records / 100)) --rate 0 --engine raw \
     --payload-size 200 --json > /dev/null
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
@@ -45,7 +25,7 @@ echo "buffer file with $records records: $(du -sh "$scratch/data" | cut -f1)" >&
 start=$(date +%s.%N)
 $bin/edgehose run --config "$scratch/drain.toml" 2> "$scratch/drain.log" &
 pid=$!
-wait_ready
+bench_wait_ready
 ready=$(date +%s.%N)
 until [ "$(metric 'edgehose_records_delivered_total{destination="local"}')" = "$records" ]; do
     sleep 0.02

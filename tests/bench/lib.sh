@@ -11,28 +11,29 @@ free_port() {
         || echo $((20000 + RANDOM % 20000))
 }
 
-# Starts edgehose on a fresh scratch directory; sets scratch, mqtt, admin and pid.
-# MODE=frontdoor (default) or MODE=broker (embedded rumqttd, its log LOG_SEGMENT_SIZE x
-# LOG_SEGMENT_COUNT, default 32MiB x 8).
-bench_start() {
-    scratch=$(mktemp -d)
-    mqtt=$(free_port); admin=$(free_port)
-    local ingress
+# Prints a gateway config for the current scratch, mqtt and admin, delivering under the
+# `file` root $1 (default $scratch/out). MODE=frontdoor (default) or MODE=broker (embedded
+# rumqttd, its log LOG_SEGMENT_SIZE x LOG_SEGMENT_COUNT, default 32MiB x 8).
+bench_config() {
+    local root=${1:-$scratch/out}
     if [ "${MODE:-frontdoor}" = broker ]; then
-        ingress="[ingress]
-mode = \"broker\"
+        cat <<TOML
+[ingress]
+mode = "broker"
 [ingress.broker]
-listen = \"127.0.0.1:$mqtt\"
-log_segment_size = \"${LOG_SEGMENT_SIZE:-32MiB}\"
-log_segment_count = ${LOG_SEGMENT_COUNT:-8}"
+listen = "127.0.0.1:$mqtt"
+log_segment_size = "${LOG_SEGMENT_SIZE:-32MiB}"
+log_segment_count = ${LOG_SEGMENT_COUNT:-8}
+TOML
     else
-        ingress="[ingress]
-mode = \"frontdoor\"
+        cat <<TOML
+[ingress]
+mode = "frontdoor"
 [ingress.frontdoor]
-listen = \"127.0.0.1:$mqtt\""
+listen = "127.0.0.1:$mqtt"
+TOML
     fi
-    cat > "$scratch/bench.toml" <<TOML
-$ingress
+    cat <<TOML
 [buffer]
 path = "$scratch/data/edgehose.db"
 [admin]
@@ -43,20 +44,32 @@ partition_key = "\${topic(2)}"
 destinations = ["local"]
 [destinations.local]
 type = "file"
-root = "$scratch/out"
+root = "$root"
 bucket = "bench"
 buffer_size = "5MiB"
 buffer_interval = "1s"
 TOML
-    $bin/edgehose run --config "$scratch/bench.toml" 2> "$scratch/edgehose.log" &
-    pid=$!
-    for _ in $(seq 100); do
+}
+
+bench_wait_ready() {
+    for _ in $(seq 2000); do
         curl -sf "http://127.0.0.1:$admin/healthz" >/dev/null && return 0
-        sleep 0.1
+        sleep 0.005
     done
     echo "edgehose did not start:" >&2
-    cat "$scratch/edgehose.log" >&2
+    cat "$scratch"/*.log >&2
     return 1
+}
+
+# Starts edgehose with `bench_config` on a fresh scratch directory; sets scratch, mqtt, admin
+# and pid.
+bench_start() {
+    scratch=$(mktemp -d)
+    mqtt=$(free_port); admin=$(free_port)
+    bench_config > "$scratch/bench.toml"
+    $bin/edgehose run --config "$scratch/bench.toml" 2> "$scratch/edgehose.log" &
+    pid=$!
+    bench_wait_ready
 }
 
 bench_stop() {
