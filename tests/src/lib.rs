@@ -490,14 +490,23 @@ pub fn buffered_payloads(db: &Path) -> Vec<Vec<u8>> {
 /// gateway's buffer file.
 pub fn delivery_position(db: &Path) -> (i64, i64, i64) {
     let conn = rusqlite::Connection::open(db).expect("open the buffer file");
-    conn.query_row(
-        "SELECT (SELECT min(delivered_id) FROM destinations),
-                (SELECT max(last_id) FROM segments),
-                (SELECT count(*) FROM segments)",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .expect("read the delivery position")
+    let (delivered, active, first, segments): (i64, i64, i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT min(delivered_id) FROM destinations),
+                    (SELECT max(seq) FROM segments),
+                    (SELECT first_id FROM segments ORDER BY seq DESC LIMIT 1),
+                    (SELECT count(*) FROM segments)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .expect("read the delivery position");
+    // The active segment's row is written when it closes: read its last id from its table.
+    let last: Option<i64> = conn
+        .query_row(&format!("SELECT max(id) FROM seg_{active}"), [], |r| {
+            r.get(0)
+        })
+        .expect("read the active segment");
+    (delivered, last.unwrap_or(first - 1), segments)
 }
 
 /// Records held in a (stopped) gateway's buffer file.

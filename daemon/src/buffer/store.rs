@@ -212,7 +212,9 @@ fn table(seq: i64) -> String {
     format!("seg_{seq}")
 }
 
-/// All segments, oldest first.
+/// All segments, oldest first, as listed. A closed segment's `last_id` and `records` are exact;
+/// the active (newest) one's are only written when it closes (writing them at every commit would
+/// rewrite a page per commit), so treat it as open-ended, or use [`segments_exact`].
 pub fn segments(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
     let mut stmt =
         conn.prepare_cached("SELECT seq, first_id, last_id, records FROM segments ORDER BY seq")?;
@@ -225,6 +227,21 @@ pub fn segments(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
         })
     })?;
     rows.collect()
+}
+
+/// All segments, oldest first, with the active one's `last_id` and `records` read from its table.
+pub fn segments_exact(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
+    let mut all = segments(conn)?;
+    if let Some(active) = all.last_mut() {
+        let (last, records): (Option<i64>, u64) = conn.query_row(
+            &format!("SELECT max(id), count(*) FROM {}", active.table()),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        active.last_id = last.unwrap_or(active.first_id - 1);
+        active.records = records;
+    }
+    Ok(all)
 }
 
 /// Creates an empty segment whose first record will get `first_id`.
@@ -307,8 +324,12 @@ pub fn scan(
         .join(",");
     let tx = conn.unchecked_transaction()?;
     let mut n = 0;
-    'segments: for seg in segments(&tx)? {
-        if seg.last_id <= after || seg.first_id > until {
+    let segments = segments(&tx)?;
+    let active = segments.last().map(|s| s.seq);
+    'segments: for seg in segments {
+        // The active segment's listed last_id lags: it may hold more.
+        let done = seg.last_id <= after && Some(seg.seq) != active;
+        if done || seg.first_id > until {
             continue;
         }
         let mut stmt = tx.prepare_cached(&format!(
@@ -438,6 +459,18 @@ mod tests {
         assert_eq!(oldest_arrival(&conn, &[1], 9).unwrap(), Some(110));
         drop_segment(&conn, 1).unwrap();
         assert_eq!(pending(&conn, &[0, 1], 0).unwrap().0, 8);
+
+        // Rows added to the active segment after its row was last written are still found,
+        // and segments_exact reads its real extent.
+        conn.execute(
+            "INSERT INTO seg_3 VALUES (13, 0, 130, 't', NULL, 'k', x'31')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(pending(&conn, &[0, 1], 12).unwrap().0, 1);
+        let exact = segments_exact(&conn).unwrap();
+        assert_eq!((exact[1].last_id, exact[1].records), (13, 5));
+        assert_eq!(segments(&conn).unwrap()[1].last_id, 12);
         assert_eq!(segments(&conn).unwrap().len(), 2);
         assert!(used_bytes(&conn).unwrap() > 0);
     }

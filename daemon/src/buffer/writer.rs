@@ -100,7 +100,7 @@ impl Writer {
         destinations: Vec<DestinationSlot>,
         committed: watch::Sender<Committed>,
     ) -> Result<Self, BufferError> {
-        let mut segments: VecDeque<Segment> = store::segments(&conn)?.into();
+        let mut segments: VecDeque<Segment> = store::segments_exact(&conn)?.into();
         if segments.is_empty() {
             segments.push_back(store::create_segment(&conn, 1, 1)?);
         }
@@ -325,8 +325,8 @@ impl Writer {
                 }
                 count += self.admit(next, &mut g)?;
             }
-            let active = *self.active();
-            store::update_segment(&self.conn, &active)?;
+            // The active segment's row is not touched here (that would rewrite its page at every
+            // commit); it is written when the segment closes and recomputed at start.
             self.conn.execute_batch("COMMIT")?;
             self.bytes = store::used_bytes(&self.conn)?;
             Ok(())
