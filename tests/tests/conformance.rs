@@ -236,10 +236,13 @@ fn a_persistent_qos_1_subscription_gets_what_was_published_while_offline() {
     ] {
         let id = format!("persistent-{version}");
         let topic = format!("sensors/{version}/telemetry");
-        // Subscribe at QoS 1 with a persistent session, then go away.
-        let mut args = vec![
+        let port_s = port.to_string();
+        // The same client id, QoS 1 subscription and persistent session both times.
+        let mut session_args = vec![
             "-h",
             "127.0.0.1",
+            "-p",
+            &port_s,
             "-V",
             version,
             "-i",
@@ -249,10 +252,13 @@ fn a_persistent_qos_1_subscription_gets_what_was_published_while_offline() {
             "-t",
             &topic,
         ];
-        args.extend(&session);
-        let port_s = port.to_string();
-        args.extend(["-p", &port_s, "-E"]); // -E: exit once subscribed
-        let out = Command::new("mosquitto_sub").args(&args).output().unwrap();
+        session_args.extend(&session);
+        // Subscribe, then go away (-E: exit once subscribed).
+        let out = Command::new("mosquitto_sub")
+            .args(&session_args)
+            .arg("-E")
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -265,21 +271,11 @@ fn a_persistent_qos_1_subscription_gets_what_was_published_while_offline() {
             assert!(out.status.success());
         }
         // Back with the same session: the three messages arrive, at QoS 1.
-        let mut args = vec![
-            "-h",
-            "127.0.0.1",
-            "-V",
-            version,
-            "-i",
-            &id,
-            "-q",
-            "1",
-            "-t",
-            &topic,
-        ];
-        args.extend(&session);
-        args.extend(["-p", &port_s, "-C", "3", "-W", "10", "-F", "%q %p"]);
-        let out = Command::new("mosquitto_sub").args(&args).output().unwrap();
+        let out = Command::new("mosquitto_sub")
+            .args(&session_args)
+            .args(["-C", "3", "-W", "10", "-F", "%q %p"])
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}",
