@@ -21,10 +21,13 @@ if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } \
     fi
 fi
 
-# A Python venv with paho-mqtt, the second third-party client of the conformance tests.
+# A Python venv with paho-mqtt (the second third-party client of the conformance tests), moto's
+# server mode (the S3 and Kinesis emulator of the AWS tests; boto3 comes with it and reads the
+# output back) and aws-kinesis-agg (awslabs' de-aggregator, to check KPL aggregates).
 venv=target/test-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
-    echo "== creating $venv with paho-mqtt"
+if [ ! -x "$venv/bin/python" ] \
+    || ! "$venv/bin/python" -c 'import paho.mqtt, moto.server, aws_kinesis_agg' 2>/dev/null; then
+    echo "== creating $venv with paho-mqtt, moto[server] and aws-kinesis-agg"
     if ! python3 -m venv "$venv" 2>/dev/null; then
         if [ "$(id -u)" = 0 ]; then
             apt-get update -qq
@@ -35,7 +38,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import paho.mqtt' 2>/
             exit 1
         fi
     fi
-    "$venv/bin/pip" install -q 'paho-mqtt>=2,<3'
+    "$venv/bin/pip" install -q 'paho-mqtt>=2,<3' 'moto[server]>=5,<6' 'aws-kinesis-agg>=1.2,<2'
 fi
 
 echo "== cargo fmt --check"

@@ -8,8 +8,9 @@
 //!    completes their acks. This commit is the one durability point.
 //! 3. [`batching`]: one task per destination applies Firehose's buffering hints over the
 //!    committed records and assembles each batch, with Firehose's object keys.
-//! 4. [`sinks`]: a batch is put under its key (the `file` sink: a local S3-layout directory);
-//!    then the destination's position moves and fully delivered records are deleted.
+//! 4. [`sinks`]: a batch is put under its key (`file`: a local S3-layout directory; `s3`), or its
+//!    records are put to a stream (`kinesis`); then the destination's position moves and fully
+//!    delivered records are deleted.
 //!
 //! Around them: [`config`] (TOML -> validated `Config`), [`admin`] (`/healthz`, `/metrics`),
 //! [`shutdown`] (one signal, stages finish in flow order).
@@ -55,6 +56,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let buffer = buffer::open(&config)
         .with_context(|| format!("cannot open the buffer at {}", config.buffer.path.display()))?;
 
+    let staging = config
+        .buffer
+        .path
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("staging");
     let mut destinations = JoinSet::new();
     for (index, dest) in config.destinations.iter().enumerate() {
         let streams: Vec<usize> = config
@@ -72,7 +79,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 streams,
                 stream_ids,
                 state: buffer.destinations[index].clone(),
-                sink: Sink::new(&dest.sink),
+                sink: Sink::new(dest, &staging).await,
                 buffer_path: buffer.path.clone(),
                 control: buffer.control.clone(),
                 committed: buffer.committed.clone(),

@@ -18,6 +18,15 @@ pub const DELIVERED_RECORDS: &str = "edgehose_records_delivered_total";
 pub const DELIVERED_BATCHES: &str = "edgehose_batches_delivered_total";
 pub const DELIVERED_BYTES: &str = "edgehose_bytes_delivered_total";
 pub const DELIVERY_ERRORS: &str = "edgehose_delivery_errors_total";
+pub const ERROR_RECORDS: &str = "edgehose_error_records_total";
+pub const BACKLOG_RECORDS: &str = "edgehose_destination_backlog_records";
+pub const BACKLOG_AGE: &str = "edgehose_destination_backlog_age_seconds";
+pub const DESTINATION_UP: &str = "edgehose_destination_up";
+pub const KINESIS_RECORDS: &str = "edgehose_kinesis_records_total";
+pub const KINESIS_REQUESTS: &str = "edgehose_kinesis_requests_total";
+pub const KINESIS_PUT_UNITS: &str = "edgehose_kinesis_put_units_total";
+pub const KINESIS_FAILED_ENTRIES: &str = "edgehose_kinesis_failed_entries_total";
+pub const RESENT_RECORDS: &str = "edgehose_records_resent_total";
 
 pub fn describe() {
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
@@ -61,4 +70,35 @@ pub fn describe() {
         "Record bytes delivered before compression, by destination"
     );
     describe_counter!(DELIVERY_ERRORS, "Failed delivery attempts, by destination");
+    describe_counter!(
+        ERROR_RECORDS,
+        "Records written to the error output instead of the destination, by destination and error code"
+    );
+    describe_gauge!(
+        BACKLOG_RECORDS,
+        "Committed records a destination has not delivered yet"
+    );
+    describe_gauge!(
+        BACKLOG_AGE,
+        Unit::Seconds,
+        "Age of the oldest record a destination has not delivered yet (0 when caught up)"
+    );
+    describe_gauge!(
+        DESTINATION_UP,
+        "1 when the destination's last delivery or check succeeded, 0 while it is failing"
+    );
+    describe_counter!(
+        KINESIS_RECORDS,
+        "Kinesis records put (aggregates count once)"
+    );
+    describe_counter!(KINESIS_REQUESTS, "PutRecords requests sent");
+    describe_counter!(KINESIS_PUT_UNITS, "Kinesis 25 KB PUT payload units used");
+    describe_counter!(
+        KINESIS_FAILED_ENTRIES,
+        "PutRecords entries that failed and were sent again"
+    );
+    describe_counter!(
+        RESENT_RECORDS,
+        "Records sent again although the destination may already hold them (possible duplicates)"
+    );
 }

@@ -90,6 +90,9 @@ pub struct Setup {
     pub root: &'static str,
     /// With `rumqttd`: also listen for MQTT 5 on this port.
     pub listen_v5: Option<u16>,
+    /// The body of `[destinations.local]` instead of the `file` destination (for example an
+    /// `s3` or `kinesis` one against an emulator).
+    pub destination: Option<String>,
 }
 
 impl Default for Setup {
@@ -106,6 +109,7 @@ impl Default for Setup {
             broker_log: ("16MiB", 4),
             listen_v5: None,
             root: "out",
+            destination: None,
         }
     }
 }
@@ -166,25 +170,23 @@ partition_key = "${{topic(2)}}"
 destinations = ["local"]
 
 [destinations.local]
-type = "file"
-root = "{root}"
-bucket = "{bucket}"
-delivery_stream = "{stream}"
-buffer_size = "{size}"
-buffer_interval = "{interval}"
-compression = "{compression}"
-
+{destination}
 "#,
+            destination = setup.destination.clone().unwrap_or_else(|| format!(
+                "type = \"file\"\nroot = \"{root}\"\nbucket = \"{bucket}\"\n\
+                 delivery_stream = \"{stream}\"\nbuffer_size = \"{size}\"\n\
+                 buffer_interval = \"{interval}\"\ncompression = \"{compression}\"\n",
+                bucket = Self::BUCKET,
+                stream = Self::STREAM,
+                size = setup.buffer_size,
+                interval = setup.buffer_interval,
+                compression = setup.compression,
+                root = dir.join(setup.root).display(),
+            )),
             dir = dir.display(),
             max_size = setup.max_size,
             when_full = setup.when_full,
-            bucket = Self::BUCKET,
-            stream = Self::STREAM,
-            size = setup.buffer_size,
-            interval = setup.buffer_interval,
-            compression = setup.compression,
             shutdown_timeout = setup.shutdown_timeout,
-            root = dir.join(setup.root).display(),
         );
         let config_path = dir.join("edgehose.toml");
         std::fs::write(&config_path, config)?;
@@ -213,6 +215,13 @@ compression = "{compression}"
                 "EDGEHOSE_LOG",
                 "info,rumqttd=warn,rumqttd::router::routing=off",
             )
+            // AWS destinations talk to emulators on loopback: fixed test credentials, and no
+            // instance-metadata lookups.
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -369,9 +378,55 @@ pub fn read_objects(bucket: &Path) -> anyhow::Result<Vec<Object>> {
 
 /// (device, seq) of every record, as firmware-sim writes them.
 pub fn device_seqs(objects: &[Object]) -> Vec<(String, u64)> {
-    objects
-        .iter()
-        .flat_map(|o| o.records.iter())
+    seqs_of(
+        objects
+            .iter()
+            .flat_map(|o| o.records.iter().map(Vec::as_slice)),
+    )
+}
+
+/// How a delivered set of (device, seq) compares with what the fleet sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub missing: usize,
+    /// Extra copies beyond the first of a record.
+    pub duplicates: usize,
+}
+
+/// Counts missing and duplicated records of `devices` devices `<prefix>-<n>` that sent
+/// sequence numbers 0..per_device each.
+pub fn tally(seqs: &[(String, u64)], devices: usize, per_device: u64, prefix: &str) -> Tally {
+    let mut seen: std::collections::HashMap<(String, u64), usize> = Default::default();
+    for s in seqs {
+        *seen.entry(s.clone()).or_default() += 1;
+    }
+    let duplicates = seen.values().map(|n| n - 1).sum();
+    let mut missing = 0;
+    for d in 0..devices {
+        for s in 0..per_device {
+            if !seen.contains_key(&(format!("{prefix}-{d}"), s)) {
+                missing += 1;
+            }
+        }
+    }
+    Tally {
+        missing,
+        duplicates,
+    }
+}
+
+/// Every record sent arrived, once.
+pub fn assert_exactly_once(seqs: &[(String, u64)], devices: usize, per_device: u64, prefix: &str) {
+    let t = tally(seqs, devices, per_device, prefix);
+    assert_eq!(t.duplicates, 0, "duplicated records");
+    assert_eq!(t.missing, 0, "records missing from the output");
+    assert_eq!(seqs.len(), devices * per_device as usize);
+}
+
+/// (device, seq) of JSON records.
+pub fn seqs_of<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Vec<(String, u64)> {
+    records
+        .into_iter()
         .filter_map(|r| {
             let v: serde_json::Value = serde_json::from_slice(r).ok()?;
             Some((v["device"].as_str()?.to_string(), v["seq"].as_u64()?))
@@ -585,4 +640,218 @@ mod tests {
             ".gz"
         ));
     }
+}
+
+/// The Python of the test venv (`tests/run.sh` creates it with paho-mqtt, moto and
+/// aws-kinesis-agg).
+pub fn venv_python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join("target/test-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run tests/run.sh, which creates the test venv",
+        python.display()
+    );
+    python
+}
+
+fn aws_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("aws").join(name)
+}
+
+/// An object read back from an S3 emulator.
+#[derive(Debug, Clone)]
+pub struct S3Object {
+    pub key: String,
+    /// Its Content-Encoding header.
+    pub encoding: Option<String>,
+    /// The body as stored (compressed if it was put compressed).
+    pub body: Vec<u8>,
+}
+
+/// A record read back from a Kinesis emulator.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    pub shard: String,
+    pub key: String,
+    pub data: Vec<u8>,
+    /// A KPL aggregate (or, de-aggregated, a sub-record of one).
+    pub aggregated: bool,
+}
+
+/// moto's server mode: S3 and Kinesis emulated in one process on a loopback port.
+pub struct Moto {
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Moto {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let mut m = Self {
+            port: free_port(),
+            child: None,
+            log: dir.join("moto.log"),
+        };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts on the same port. moto keeps state in memory: a restart starts empty.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let python = venv_python();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(python.with_file_name("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting moto_server")?;
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(Duration::from_secs(30), "moto_server", || {
+            http_get(port, "/moto-api/").is_ok()
+        })
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    /// Runs tests/aws/read_back.py against this emulator (or `endpoint`).
+    pub fn call(&self, endpoint: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(venv_python())
+            .arg(aws_script("read_back.py"))
+            .arg(args[0])
+            .arg(endpoint)
+            .args(&args[1..])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "read_back.py {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn create_bucket(&self, bucket: &str) -> anyhow::Result<()> {
+        self.call(&self.endpoint(), &["create-bucket", bucket])
+            .map(|_| ())
+    }
+
+    pub fn create_stream(&self, stream: &str, shards: u32) -> anyhow::Result<()> {
+        self.call(
+            &self.endpoint(),
+            &["create-stream", stream, &shards.to_string()],
+        )
+        .map(|_| ())
+    }
+
+    /// Every object of `bucket`, as stored.
+    pub fn objects(&self, bucket: &str) -> anyhow::Result<Vec<S3Object>> {
+        let v = self.call(&self.endpoint(), &["s3", bucket])?;
+        v.as_array()
+            .context("a list")?
+            .iter()
+            .map(|o| {
+                Ok(S3Object {
+                    key: o["key"].as_str().context("key")?.to_string(),
+                    encoding: o["content_encoding"].as_str().map(str::to_string),
+                    body: b64(o["body"].as_str().context("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every record of `stream` from TRIM_HORIZON, shard by shard in stream order. With
+    /// `deaggregate`, aws-kinesis-agg expands KPL aggregates into their sub-records.
+    pub fn stream_records(
+        &self,
+        stream: &str,
+        deaggregate: bool,
+    ) -> anyhow::Result<Vec<StreamRecord>> {
+        let mut args = vec!["kinesis", stream];
+        if deaggregate {
+            args.push("--deaggregate");
+        }
+        let v = self.call(&self.endpoint(), &args)?;
+        v.as_array()
+            .context("a list")?
+            .iter()
+            .map(|r| {
+                Ok(StreamRecord {
+                    shard: r["shard"].as_str().context("shard")?.to_string(),
+                    key: r["partition_key"].as_str().context("key")?.to_string(),
+                    data: b64(r["data"].as_str().context("data")?)?,
+                    aggregated: r["aggregated"].as_bool().unwrap_or(false),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// tests/aws/fault_proxy.py in front of an emulator.
+pub struct FaultProxy {
+    pub port: u16,
+    child: Child,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(free_port(), upstream, args)
+    }
+
+    /// Starts on a given port (to come back where a stopped proxy was).
+    pub fn start_on(port: u16, upstream: u16, args: &[&str]) -> anyhow::Result<Self> {
+        let child = Command::new(venv_python())
+            .arg(aws_script("fault_proxy.py"))
+            .arg(port.to_string())
+            .arg(upstream.to_string())
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let p = Self { port, child };
+        wait_until(Duration::from_secs(10), "fault proxy", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        Ok(p)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        let (_, body) = http_get(self.port, "/__stats")?;
+        Ok(serde_json::from_str(&body)?)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+fn b64(text: &str) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine;
+    Ok(base64::engine::general_purpose::STANDARD.decode(text)?)
 }

@@ -5,30 +5,6 @@ use std::collections::HashMap;
 
 use edgehose_tests::*;
 
-fn assert_exactly_once(seqs: &[(String, u64)], devices: usize, per_device: u64, prefix: &str) {
-    let mut seen: HashMap<(String, u64), usize> = HashMap::new();
-    for s in seqs {
-        *seen.entry(s.clone()).or_default() += 1;
-    }
-    let dups: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
-    assert!(
-        dups.is_empty(),
-        "{} duplicated records, e.g. {:?}",
-        dups.len(),
-        dups.first()
-    );
-    let mut missing = 0;
-    for d in 0..devices {
-        for s in 0..per_device {
-            if !seen.contains_key(&(format!("{prefix}-{d}"), s)) {
-                missing += 1;
-            }
-        }
-    }
-    assert_eq!(missing, 0, "records missing from the output");
-    assert_eq!(seqs.len(), devices * per_device as usize);
-}
-
 #[test]
 fn fifty_clients_twenty_thousand_messages_arrive_exactly_once_in_firehose_layout() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,19 +18,41 @@ enum PrefixPart {
     Literal(String),
     Timestamp(JavaPattern),
     RandomString,
+    /// `!{partitionKeyFromQuery:NAME}`: index into the template's partition names.
+    PartitionKey(usize),
+    ErrorOutputType,
 }
+
+/// Which prefix a template is: the object prefix, or the error output prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixKind {
+    Object,
+    Error,
+}
+
+/// The most partition keys Firehose allows (AWS-SEMANTICS 8).
+pub const MAX_PARTITION_KEYS: usize = 50;
 
 /// A parsed Firehose S3 prefix with its `!{...}` expressions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixTemplate {
     parts: Vec<PrefixPart>,
+    /// Dynamic partitioning keys, in order of first use.
+    partition_names: Vec<String>,
 }
 
 impl PrefixTemplate {
     /// Parses a custom prefix; an empty one means Firehose's default `yyyy/MM/dd/HH/`, and one
     /// without a timestamp expression gets `yyyy/MM/dd/HH/` appended, as Firehose does.
     pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_as(text, PrefixKind::Object)
+    }
+
+    /// Parses an object prefix or an error output prefix; the latter must contain
+    /// `!{firehose:error-output-type}` and may not partition.
+    pub fn parse_as(text: &str, kind: PrefixKind) -> Result<Self, String> {
         let mut parts = Vec::new();
+        let mut partition_names: Vec<String> = Vec::new();
         let mut rest = text;
         while let Some(start) = rest.find("!{") {
             if start > 0 {
@@ -46,17 +68,51 @@ impl PrefixTemplate {
             } else if expr == "firehose:random-string" {
                 PrefixPart::RandomString
             } else if expr == "firehose:error-output-type" {
-                return Err(
-                    "!{firehose:error-output-type} is only allowed in an error output prefix"
-                        .into(),
-                );
-            } else if expr.starts_with("partitionKeyFrom") {
+                if kind != PrefixKind::Error {
+                    return Err(
+                        "!{firehose:error-output-type} is only allowed in an error output prefix"
+                            .into(),
+                    );
+                }
+                PrefixPart::ErrorOutputType
+            } else if let Some(name) = expr.strip_prefix("partitionKeyFromQuery:") {
+                if kind == PrefixKind::Error {
+                    return Err(
+                        "!{partitionKeyFromQuery:...} is not allowed in an error output prefix"
+                            .into(),
+                    );
+                }
+                let ok = !name.is_empty()
+                    && name.split('.').all(|p| {
+                        !p.is_empty()
+                            && p.chars()
+                                .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+                    });
+                if !ok {
+                    return Err(format!(
+                        "!{{partitionKeyFromQuery:{name}}}: the key must name a JSON field (letters, digits, '_', '-', nested with '.')"
+                    ));
+                }
+                let index = match partition_names.iter().position(|n| n == name) {
+                    Some(i) => i,
+                    None => {
+                        partition_names.push(name.to_string());
+                        partition_names.len() - 1
+                    }
+                };
+                if partition_names.len() > MAX_PARTITION_KEYS {
+                    return Err(format!(
+                        "more than {MAX_PARTITION_KEYS} partition keys (Firehose's limit)"
+                    ));
+                }
+                PrefixPart::PartitionKey(index)
+            } else if expr.starts_with("partitionKeyFromLambda") {
                 return Err(format!(
-                    "!{{{expr}}} (dynamic partitioning) is not supported by this destination type yet"
+                    "!{{{expr}}} needs a transformation Lambda, which edgehose does not run; use !{{partitionKeyFromQuery:FIELD}}"
                 ));
             } else {
                 return Err(format!(
-                    "unknown expression \"!{{{expr}}}\"; supported: !{{timestamp:PATTERN}}, !{{firehose:random-string}}"
+                    "unknown expression \"!{{{expr}}}\"; supported: !{{timestamp:PATTERN}}, !{{firehose:random-string}}, !{{partitionKeyFromQuery:FIELD}}"
                 ));
             };
             parts.push(part);
@@ -65,20 +121,42 @@ impl PrefixTemplate {
         if !rest.is_empty() {
             parts.push(PrefixPart::Literal(rest.into()));
         }
+        if kind == PrefixKind::Error && !parts.contains(&PrefixPart::ErrorOutputType) {
+            return Err("an error output prefix must contain !{firehose:error-output-type}".into());
+        }
         if !parts.iter().any(|p| matches!(p, PrefixPart::Timestamp(_))) {
             parts.push(PrefixPart::Timestamp(JavaPattern::parse(DEFAULT_PREFIX)?));
         }
-        Ok(Self { parts })
+        Ok(Self {
+            parts,
+            partition_names,
+        })
+    }
+
+    /// The JSON fields dynamic partitioning reads, in the order `evaluate` takes their values.
+    pub fn partition_names(&self) -> &[String] {
+        &self.partition_names
     }
 
     /// Evaluates the prefix for one object. Every timestamp expression gets the same instant.
-    pub fn evaluate(&self, at: DateTime<Utc>, random: &str) -> Result<String, KeyError> {
+    /// `partition` holds one value per [`Self::partition_names`].
+    pub fn evaluate(
+        &self,
+        at: DateTime<Utc>,
+        random: &str,
+        partition: &[String],
+        error_type: &str,
+    ) -> Result<String, KeyError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 PrefixPart::Literal(s) => out.push_str(s),
                 PrefixPart::Timestamp(p) => p.format_into(at, &mut out),
                 PrefixPart::RandomString => out.push_str(random),
+                PrefixPart::PartitionKey(i) => {
+                    out.push_str(partition.get(*i).map(String::as_str).unwrap_or(""))
+                }
+                PrefixPart::ErrorOutputType => out.push_str(error_type),
             }
         }
         if out.chars().count() > MAX_PREFIX_LEN {
@@ -98,6 +176,8 @@ pub enum KeyError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPattern {
     pub prefix: PrefixTemplate,
+    /// Where records that cannot be delivered go (Firehose's ErrorOutputPrefix).
+    pub error_prefix: Option<PrefixTemplate>,
     /// The Firehose delivery-stream name that starts every object name.
     pub delivery_stream: String,
     /// `.gz` for gzip unless a file extension was configured.
@@ -115,17 +195,55 @@ pub struct BatchId<'a> {
     pub oldest_arrival_ms: i64,
 }
 
+/// The error output type Firehose writes for records that failed processing (AWS-SEMANTICS 5).
+pub const PROCESSING_FAILED: &str = "processing-failed";
+
 impl KeyPattern {
+    /// The key of a batch's object (one partition of it, with dynamic partitioning).
     pub fn object_key(&self, batch: BatchId<'_>) -> Result<String, KeyError> {
-        let seed = format!(
+        self.key(&self.prefix, batch, &[], "")
+    }
+
+    /// The key of one partition's object of a batch.
+    pub fn partition_key(
+        &self,
+        batch: BatchId<'_>,
+        partition: &[String],
+    ) -> Result<String, KeyError> {
+        self.key(&self.prefix, batch, partition, "")
+    }
+
+    /// The key of a batch's error object, when an error prefix is configured.
+    pub fn error_key(&self, batch: BatchId<'_>) -> Option<Result<String, KeyError>> {
+        let prefix = self.error_prefix.as_ref()?;
+        Some(self.key(prefix, batch, &[], PROCESSING_FAILED))
+    }
+
+    fn key(
+        &self,
+        template: &PrefixTemplate,
+        batch: BatchId<'_>,
+        partition: &[String],
+        error_type: &str,
+    ) -> Result<String, KeyError> {
+        let mut seed = format!(
             "{}/{}/{}/{}",
             batch.destination, batch.version, batch.first_id, batch.last_id
         );
+        // Partition values and the error type make each object of a batch its own identity.
+        for v in partition {
+            seed.push('\0');
+            seed.push_str(v);
+        }
+        if !error_type.is_empty() {
+            seed.push('\u{1}');
+            seed.push_str(error_type);
+        }
         let uuid = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, seed.as_bytes());
         let at = DateTime::from_timestamp_millis(batch.oldest_arrival_ms).unwrap_or_default();
         // Firehose's random-string is 11 characters; take them from the same identity.
         let random: String = uuid.simple().to_string().chars().rev().take(11).collect();
-        let prefix = self.prefix.evaluate(at, &random)?;
+        let prefix = template.evaluate(at, &random, partition, error_type)?;
         Ok(format!(
             "{prefix}{}-{}-{}-{}{}",
             self.delivery_stream,
@@ -246,6 +364,7 @@ mod tests {
     fn pattern(prefix: &str) -> KeyPattern {
         KeyPattern {
             prefix: PrefixTemplate::parse(prefix).unwrap(),
+            error_prefix: None,
             delivery_stream: "telemetry".into(),
             extension: "".into(),
         }
@@ -334,7 +453,14 @@ mod tests {
     #[test]
     fn bad_prefixes_are_refused() {
         assert!(PrefixTemplate::parse("!{firehose:error-output-type}/").is_err());
-        assert!(PrefixTemplate::parse("!{partitionKeyFromQuery:device}/").is_err());
+        assert!(PrefixTemplate::parse("!{partitionKeyFromLambda:device}/").is_err());
+        assert!(PrefixTemplate::parse("!{partitionKeyFromQuery:}/").is_err());
+        assert!(PrefixTemplate::parse_as("err/", PrefixKind::Error).is_err());
+        assert!(PrefixTemplate::parse_as(
+            "e/!{partitionKeyFromQuery:d}/!{firehose:error-output-type}/",
+            PrefixKind::Error
+        )
+        .is_err());
         assert!(PrefixTemplate::parse("!{nope}/").is_err());
         assert!(PrefixTemplate::parse("!{timestamp:yyyy").is_err());
     }
@@ -346,6 +472,39 @@ mod tests {
             p.object_key(batch()),
             Err(KeyError::PrefixTooLong(600 + 1 + DEFAULT_PREFIX.len()))
         );
+    }
+
+    #[test]
+    fn hive_style_dynamic_partitioning() {
+        let p = pattern("device=!{partitionKeyFromQuery:device}/site=!{partitionKeyFromQuery:loc.site}/!{timestamp:yyyy}/");
+        assert_eq!(p.prefix.partition_names(), ["device", "loc.site"]);
+        let values = ["d-7".to_string(), "north".to_string()];
+        let key = p.partition_key(batch(), &values).unwrap();
+        assert!(
+            key.starts_with("device=d-7/site=north/2024/telemetry-1-2024-03-05-07-08-09-"),
+            "{key}"
+        );
+        // Each partition of one batch is its own object.
+        let other = p
+            .partition_key(batch(), &["d-8".to_string(), "north".to_string()])
+            .unwrap();
+        assert_ne!(key.rsplit('-').next(), other.rsplit('-').next());
+    }
+
+    #[test]
+    fn error_prefix_names_the_error_type() {
+        let mut p = pattern("");
+        assert!(p.error_key(batch()).is_none());
+        p.error_prefix = Some(
+            PrefixTemplate::parse_as("errors/!{firehose:error-output-type}/", PrefixKind::Error)
+                .unwrap(),
+        );
+        let key = p.error_key(batch()).unwrap().unwrap();
+        assert!(
+            key.starts_with("errors/processing-failed/2024/03/05/07/telemetry-1-"),
+            "{key}"
+        );
+        assert_ne!(key, p.object_key(batch()).unwrap());
     }
 
     #[test]

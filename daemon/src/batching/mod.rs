@@ -10,7 +10,7 @@
 pub mod keys;
 pub mod object;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +23,8 @@ use crate::buffer::{store, BufferError, Committed, Control, DestinationState};
 use crate::config::DestinationConfig;
 use crate::metrics as m;
 use crate::shutdown::Shutdown;
-use crate::sinks::Sink;
+use crate::sinks::kinesis::Rec;
+use crate::sinks::{file::FileSink, Sink};
 use keys::BatchId;
 use object::{Selection, Staged};
 
@@ -93,6 +94,19 @@ impl Destination {
             delivered_id = self.state.delivered_id,
             "destination started"
         );
+        let name = self.config.name.clone();
+        match self.sink.check().await {
+            Ok(()) => metrics::gauge!(m::DESTINATION_UP, "destination" => name.clone()).set(1.0),
+            Err(e) => {
+                metrics::gauge!(m::DESTINATION_UP, "destination" => name.clone()).set(0.0);
+                error!(
+                    destination = %name,
+                    sink = %self.sink.describe(),
+                    error = %e,
+                    "destination is not usable yet; records stay buffered and delivery is retried"
+                );
+            }
+        }
         let reader = match store::open_reader(&self.buffer_path) {
             Ok(c) => Arc::new(Mutex::new(c)),
             Err(e) => {
@@ -137,6 +151,13 @@ impl Destination {
             };
             let pending_records = cum.records - taken.records;
             let pending_bytes = (cum.bytes - taken.bytes).max(0) as u64;
+            metrics::gauge!(m::BACKLOG_RECORDS, "destination" => name.clone())
+                .set(pending_records.max(0) as f64);
+            let age = match oldest {
+                Some(t) if pending_records > 0 => (now_ms() - t).max(0) as f64 / 1000.0,
+                _ => 0.0,
+            };
+            metrics::gauge!(m::BACKLOG_AGE, "destination" => name.clone()).set(age);
             let stopping = self.shutdown.is_begun() && ingest_closed;
             if pending_records <= 0 {
                 // Caught up: every record of its streams up to `last_id` is delivered. Saying
@@ -220,11 +241,22 @@ impl Destination {
     ) -> Option<(u64, u64)> {
         let mut delay = RETRY_MIN;
         loop {
-            match self.try_flush(reader, replay.clone()).await {
-                Ok(taken) => return Some(taken),
+            let result = if matches!(self.sink, Sink::Kinesis(_)) {
+                self.try_flush_records(reader).await
+            } else {
+                self.try_flush(reader, replay.clone()).await
+            };
+            match result {
+                Ok(taken) => {
+                    metrics::gauge!(m::DESTINATION_UP, "destination" => self.config.name.clone())
+                        .set(1.0);
+                    return Some(taken);
+                }
                 Err(e) => {
                     metrics::counter!(m::DELIVERY_ERRORS, "destination" => self.config.name.clone())
                         .increment(1);
+                    metrics::gauge!(m::DESTINATION_UP, "destination" => self.config.name.clone())
+                        .set(0.0);
                     let jitter = rand::rng().random_range(0.8..1.2);
                     let wait = delay.mul_f64(jitter);
                     warn!(
@@ -253,6 +285,7 @@ impl Destination {
             None => (None, Some(self.config.batching.size)),
         };
         let batching = self.config.batching.clone();
+        let prefix = self.config.keys.prefix.clone();
         let staged: Option<Staged> = blocking(reader, move |c| {
             object::assemble(
                 c,
@@ -263,6 +296,7 @@ impl Destination {
                     max_bytes,
                 },
                 &batching,
+                &prefix,
                 &path,
             )
         })
@@ -274,35 +308,159 @@ impl Destination {
             }
             return Ok((0, 0));
         };
-        let (last_id, key) = match replay {
-            Some(r) => r,
-            None => {
-                let key = self.config.keys.object_key(BatchId {
-                    destination: &self.config.name,
-                    version: self.state.version,
-                    first_id: staged.first_id,
-                    last_id: staged.last_id,
-                    oldest_arrival_ms: staged.oldest_arrival_ms,
-                })?;
-                self.request(|done| Control::Intent {
-                    dest: self.index,
-                    last_id: staged.last_id,
-                    key: key.clone(),
-                    done,
-                })
-                .await?;
-                (staged.last_id, key)
-            }
+        // Keys depend on the version the batch was first given: a replay keeps it.
+        let version = match &replay {
+            Some((_, intent)) => intent
+                .strip_prefix("version:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(self.state.version),
+            None => self.state.version,
         };
-        self.sink.put(&staged.path, &key).await?;
-        self.delivered(last_id).await?;
+        let mut keyed = Vec::with_capacity(staged.parts.len());
+        for part in &staged.parts {
+            let batch = BatchId {
+                destination: &self.config.name,
+                version,
+                first_id: staged.first_id,
+                last_id: staged.last_id,
+                oldest_arrival_ms: part.oldest_arrival_ms,
+            };
+            let key = if part.error {
+                self.config
+                    .keys
+                    .error_key(batch)
+                    .unwrap_or_else(|| self.config.keys.object_key(batch))?
+            } else {
+                self.config.keys.partition_key(batch, &part.partition)?
+            };
+            keyed.push((part, key));
+        }
+        if replay.is_none() {
+            self.request(|done| Control::Intent {
+                dest: self.index,
+                last_id: staged.last_id,
+                key: format!("version:{version}"),
+                done,
+            })
+            .await?;
+        }
+        for (part, key) in &keyed {
+            self.sink.put(&part.path, key).await?;
+            debug!(destination = %self.config.name, key = %key, records = part.records, "object delivered");
+        }
+        self.delivered(staged.last_id).await?;
         let name = self.config.name.clone();
+        for (code, n) in &staged.errors {
+            warn!(destination = %name, code, records = n, "records went to the error output");
+            metrics::counter!(m::ERROR_RECORDS, "destination" => name.clone(), "code" => *code)
+                .increment(*n);
+        }
         metrics::counter!(m::DELIVERED_RECORDS, "destination" => name.clone())
             .increment(staged.records);
-        metrics::counter!(m::DELIVERED_BATCHES, "destination" => name.clone()).increment(1);
+        metrics::counter!(m::DELIVERED_BATCHES, "destination" => name.clone())
+            .increment(staged.parts.len() as u64);
         metrics::counter!(m::DELIVERED_BYTES, "destination" => name).increment(staged.bytes);
-        debug!(destination = %self.config.name, key = %key, records = staged.records, bytes = staged.bytes, "batch delivered");
         Ok((staged.records, staged.bytes))
+    }
+
+    /// One batch to a record sink (Kinesis): read into memory (at most the size hint), put
+    /// until every record is in, then move the position. A crash in between sends the batch
+    /// again after restart (at-least-once).
+    async fn try_flush_records(
+        &mut self,
+        reader: &Arc<Mutex<Connection>>,
+    ) -> Result<(u64, u64), FlushError> {
+        let Sink::Kinesis(sink) = &self.sink else {
+            unreachable!("record flush on an object sink");
+        };
+        let streams = self.stream_ids.clone();
+        let after = self.state.delivered_id;
+        let max = self.config.batching.size;
+        let records: Vec<Rec> = blocking(reader, move |c| {
+            let mut out = Vec::new();
+            let mut bytes = 0u64;
+            store::scan(c, &streams, after, None, |row| {
+                let len = row.payload.len() as u64;
+                if !out.is_empty() && bytes + len > max {
+                    return std::ops::ControlFlow::Break(());
+                }
+                bytes += len;
+                out.push(Rec {
+                    id: row.id,
+                    arrival_ms: row.arrival_ms,
+                    key: row.partition_key.to_string(),
+                    data: row.payload.to_vec(),
+                });
+                std::ops::ControlFlow::Continue(())
+            })
+            .map(|_| out)
+        })
+        .await?;
+        let Some(last_id) = records.last().map(|r| r.id) else {
+            return Ok((0, 0));
+        };
+        let n = records.len() as u64;
+        let bytes: u64 = records.iter().map(|r| r.data.len() as u64).sum();
+        let name = self.config.name.clone();
+        let outcome = sink.deliver(records, &name).await;
+        if !outcome.rejected.is_empty() {
+            self.write_errors(&outcome.rejected)?;
+        }
+        self.delivered(last_id).await?;
+        metrics::counter!(m::DELIVERED_RECORDS, "destination" => name.clone()).increment(n);
+        metrics::counter!(m::DELIVERED_BATCHES, "destination" => name.clone()).increment(1);
+        metrics::counter!(m::DELIVERED_BYTES, "destination" => name.clone()).increment(bytes);
+        metrics::counter!(m::KINESIS_RECORDS, "destination" => name.clone())
+            .increment(outcome.kinesis_records);
+        metrics::counter!(m::KINESIS_REQUESTS, "destination" => name.clone())
+            .increment(outcome.requests);
+        metrics::counter!(m::KINESIS_PUT_UNITS, "destination" => name.clone())
+            .increment(outcome.put_units);
+        metrics::counter!(m::RESENT_RECORDS, "destination" => name.clone())
+            .increment(outcome.duplicates);
+        debug!(destination = %name, records = n, kinesis_records = outcome.kinesis_records, requests = outcome.requests, retried = outcome.retried_entries, "batch put");
+        Ok((n, bytes))
+    }
+
+    /// Writes records a Kinesis stream can never take to the destination's local error output,
+    /// in Firehose's error-record shape, and counts them.
+    fn write_errors(&self, rejected: &[(Rec, &'static str, String)]) -> Result<(), FlushError> {
+        let crate::config::SinkConfig::Kinesis(k) = &self.config.sink else {
+            return Ok(());
+        };
+        let sink = FileSink::new(&k.error_output_root, &self.config.name);
+        let staged = sink.staging_path(&self.config.name);
+        if let Some(dir) = staged.parent() {
+            std::fs::create_dir_all(dir).map_err(object::AssembleError::Io)?;
+        }
+        let mut body = Vec::new();
+        for (rec, code, why) in rejected {
+            body.extend(object::error_record(rec.arrival_ms, code, why, &rec.data));
+            metrics::counter!(m::ERROR_RECORDS, "destination" => self.config.name.clone(), "code" => *code)
+                .increment(1);
+            warn!(destination = %self.config.name, id = rec.id, code, reason = %why, "record cannot go to Kinesis; written to the error output");
+        }
+        let first = &rejected[0].0;
+        let key = self
+            .config
+            .keys
+            .error_key(BatchId {
+                destination: &self.config.name,
+                version: self.state.version,
+                first_id: first.id,
+                last_id: rejected[rejected.len() - 1].0.id,
+                oldest_arrival_ms: first.arrival_ms,
+            })
+            .unwrap_or_else(|| Ok(format!("processing-failed/{}", first.id)))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&staged)?;
+            std::io::Write::write_all(&mut f, &body)?;
+            f.sync_all()?;
+            let target = k.error_output_root.join(&self.config.name).join(&key);
+            std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
+            std::fs::rename(&staged, &target)
+        };
+        write().map_err(|e| FlushError::Assemble(object::AssembleError::Io(e)))
     }
 
     async fn delivered(&mut self, last_id: i64) -> Result<(), BufferError> {

@@ -1,28 +1,59 @@
-//! Assembling one batch: reads committed records from the buffer, in id order, into a staged
-//! object file (newline-delimited, optionally gzip), and fsyncs it. Memory use does not depend on
-//! the batch size: records stream from SQLite to the file.
+//! Assembling one batch: reads committed records from the buffer, in id order, into staged
+//! object files (newline-delimited, optionally compressed), and fsyncs them. Memory use does not
+//! depend on the batch size: records stream from SQLite to the files.
+//!
+//! With dynamic partitioning (`!{partitionKeyFromQuery:NAME}` in the prefix) one batch becomes
+//! one object per partition, plus an error object for records whose partition cannot be found
+//! (not JSON, field missing, more than [`MAX_ACTIVE_PARTITIONS`]) in Firehose's error-record
+//! shape (AWS-SEMANTICS 5, 8).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use base64::Engine;
 use flate2::write::GzEncoder;
 use rusqlite::Connection;
 
+use super::keys::PrefixTemplate;
 use crate::buffer::store;
 use crate::config::{BatchingConfig, Compression};
 
-/// A batch written to its staging file, ready for the sink.
+/// Firehose's limit on partitions buffering at once (AWS-SEMANTICS 8); more go to the error
+/// output.
+pub const MAX_ACTIVE_PARTITIONS: usize = 500;
+
+/// Firehose's error code for a record whose partition key could not be extracted.
+pub const METADATA_EXTRACTION_FAILED: &str = "DynamicPartitioning.MetadataExtractionFailed";
+/// ...and for a record over the active-partition limit.
+pub const PARTITION_LIMIT: &str = "DynamicPartitioning.ActivePartitionsLimitExceeded";
+
+/// One object of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub path: PathBuf,
+    /// One value per partition name; empty without dynamic partitioning.
+    pub partition: Vec<String>,
+    /// Error records (Firehose's error shape), rather than records.
+    pub error: bool,
+    pub records: u64,
+    pub oldest_arrival_ms: i64,
+}
+
+/// A batch written to its staging files, ready for the sink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Staged {
-    pub path: PathBuf,
+    pub parts: Vec<Part>,
     pub first_id: i64,
     pub last_id: i64,
     pub records: u64,
     /// Bytes before compression, delimiters included.
     pub bytes: u64,
     pub oldest_arrival_ms: i64,
+    /// Records that went to the error output, by error code.
+    pub errors: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +79,25 @@ pub struct Selection<'a> {
 enum Body {
     Plain(BufWriter<File>),
     Gzip(GzEncoder<BufWriter<File>>),
+    // Boxed: the frame encoder carries its buffers inline.
+    Snappy(Box<snap::write::FrameEncoder<BufWriter<File>>>),
 }
 
 impl Body {
+    fn new(path: &Path, compression: Compression, buffer: usize) -> io::Result<Self> {
+        let file = BufWriter::with_capacity(buffer, File::create(path)?);
+        Ok(match compression {
+            Compression::None => Body::Plain(file),
+            Compression::Gzip => Body::Gzip(GzEncoder::new(file, flate2::Compression::default())),
+            Compression::Snappy => Body::Snappy(Box::new(snap::write::FrameEncoder::new(file))),
+        })
+    }
+
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Body::Plain(w) => w.write_all(data),
             Body::Gzip(w) => w.write_all(data),
+            Body::Snappy(w) => w.write_all(data),
         }
     }
 
@@ -62,36 +105,134 @@ impl Body {
         let file = match self {
             Body::Plain(w) => w.into_inner().map_err(|e| e.into_error())?,
             Body::Gzip(w) => w.finish()?.into_inner().map_err(|e| e.into_error())?,
+            Body::Snappy(w) => w
+                .into_inner()
+                .map_err(|e| io::Error::other(e.to_string()))?
+                .into_inner()
+                .map_err(|e| e.into_error())?,
         };
         file.sync_all()
     }
 }
 
-/// Writes the selected records to `path`. Returns None (and leaves no file) when there are none.
+/// A part being written.
+struct Open {
+    part: Part,
+    body: Body,
+}
+
+/// Where a record goes: a partition, or the error object with a code and message.
+enum Placement {
+    Partition(Vec<String>),
+    Error(&'static str, String),
+}
+
+/// Reads the partition values of one record: each name is a (dotted) JSON field whose value is
+/// a string, number or boolean.
+fn partition_of(payload: &[u8], names: &[String]) -> Placement {
+    let value: serde_json::Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            return Placement::Error(
+                METADATA_EXTRACTION_FAILED,
+                format!("record is not JSON: {e}"),
+            )
+        }
+    };
+    let mut values = Vec::with_capacity(names.len());
+    for name in names {
+        let mut at = &value;
+        for step in name.split('.') {
+            match at.get(step) {
+                Some(v) => at = v,
+                None => {
+                    return Placement::Error(
+                        METADATA_EXTRACTION_FAILED,
+                        format!("record has no field {name:?}"),
+                    )
+                }
+            }
+        }
+        let text = match at {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => {
+                return Placement::Error(
+                    METADATA_EXTRACTION_FAILED,
+                    format!("field {name:?} is not a string, number or boolean"),
+                )
+            }
+        };
+        if text.is_empty() || text.chars().any(|c| c.is_control() || c == '/') {
+            return Placement::Error(
+                METADATA_EXTRACTION_FAILED,
+                format!("field {name:?} is empty or holds '/' or control characters"),
+            );
+        }
+        values.push(text);
+    }
+    Placement::Partition(values)
+}
+
+/// One record in Firehose's error-output shape (AWS-SEMANTICS 5), newline-terminated.
+pub fn error_record(arrival_ms: i64, code: &str, message: &str, payload: &[u8]) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "attemptsMade": 1,
+        "arrivalTimestamp": arrival_ms,
+        "errorCode": code,
+        "errorMessage": message,
+        "attemptEndingTimestamp": super::now_ms(),
+        "rawData": base64::engine::general_purpose::STANDARD.encode(payload),
+    }))
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Writes the selected records to files named after `base` (`base` itself without dynamic
+/// partitioning). Returns None (and leaves no file) when there are none.
 pub fn assemble(
     conn: &Connection,
     selection: Selection<'_>,
     batching: &BatchingConfig,
-    path: &Path,
+    prefix: &PrefixTemplate,
+    base: &Path,
 ) -> Result<Option<Staged>, AssembleError> {
-    if let Some(dir) = path.parent() {
+    let partition_names = prefix.partition_names();
+    if let Some(dir) = base.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let file = BufWriter::with_capacity(256 * 1024, File::create(path)?);
-    let mut body = match batching.compression {
-        Compression::None => Body::Plain(file),
-        Compression::Gzip => Body::Gzip(GzEncoder::new(file, flate2::Compression::default())),
+    let partitioned = !partition_names.is_empty();
+    // One big buffer for a single object; small ones when up to 500 files are open.
+    let buffer = if partitioned { 8 * 1024 } else { 256 * 1024 };
+    // Compressors hold ~300 KiB of state each: partitions are written plain, compressed after.
+    let stream_compression = if partitioned {
+        Compression::None
+    } else {
+        batching.compression
     };
     let delimiter: &[u8] = if batching.newline { b"\n" } else { b"" };
     let mut staged = Staged {
-        path: path.to_path_buf(),
+        parts: Vec::new(),
         first_id: 0,
         last_id: 0,
         records: 0,
         bytes: 0,
         oldest_arrival_ms: 0,
+        errors: Vec::new(),
     };
+    let mut open: Vec<Open> = Vec::new();
+    let mut by_partition: HashMap<Vec<String>, usize> = HashMap::new();
+    let mut error_part: Option<usize> = None;
     let mut io_error = None;
+    let path_for = |n: usize| -> PathBuf {
+        if n == 0 && !partitioned {
+            base.to_path_buf()
+        } else {
+            base.with_extension(format!("{n}.part"))
+        }
+    };
     store::scan(
         conn,
         selection.streams,
@@ -104,10 +245,91 @@ pub fn assemble(
                     return ControlFlow::Break(());
                 }
             }
-            if let Err(e) = body
-                .write_all(row.payload)
-                .and_then(|_| body.write_all(delimiter))
-            {
+            let placement = if partitioned {
+                match partition_of(row.payload, partition_names) {
+                    Placement::Partition(p) if !by_partition.contains_key(&p) => {
+                        if by_partition.len() >= MAX_ACTIVE_PARTITIONS {
+                            Placement::Error(
+                                PARTITION_LIMIT,
+                                format!("more than {MAX_ACTIVE_PARTITIONS} active partitions"),
+                            )
+                        } else if let Err(e) =
+                            prefix.evaluate(chrono::DateTime::UNIX_EPOCH, "xxxxxxxxxxx", &p, "")
+                        {
+                            Placement::Error(METADATA_EXTRACTION_FAILED, e.to_string())
+                        } else {
+                            Placement::Partition(p)
+                        }
+                    }
+                    p => p,
+                }
+            } else {
+                Placement::Partition(Vec::new())
+            };
+            let result = (|| -> io::Result<()> {
+                let (index, line) = match placement {
+                    Placement::Partition(p) => {
+                        let index = match by_partition.get(&p) {
+                            Some(&i) => i,
+                            None => {
+                                let n = open.len();
+                                let path = path_for(n);
+                                open.push(Open {
+                                    body: Body::new(&path, stream_compression, buffer)?,
+                                    part: Part {
+                                        path,
+                                        partition: p.clone(),
+                                        error: false,
+                                        records: 0,
+                                        oldest_arrival_ms: row.arrival_ms,
+                                    },
+                                });
+                                by_partition.insert(p, n);
+                                n
+                            }
+                        };
+                        (index, None)
+                    }
+                    Placement::Error(code, message) => {
+                        match staged.errors.iter_mut().find(|(c, _)| *c == code) {
+                            Some((_, n)) => *n += 1,
+                            None => staged.errors.push((code, 1)),
+                        }
+                        let index = match error_part {
+                            Some(i) => i,
+                            None => {
+                                let n = open.len();
+                                let path = path_for(n);
+                                open.push(Open {
+                                    body: Body::new(&path, stream_compression, buffer)?,
+                                    part: Part {
+                                        path,
+                                        partition: Vec::new(),
+                                        error: true,
+                                        records: 0,
+                                        oldest_arrival_ms: row.arrival_ms,
+                                    },
+                                });
+                                error_part = Some(n);
+                                n
+                            }
+                        };
+                        let line = error_record(row.arrival_ms, code, &message, row.payload);
+                        (index, Some(line))
+                    }
+                };
+                let o = &mut open[index];
+                match line {
+                    Some(line) => o.body.write_all(&line)?,
+                    None => {
+                        o.body.write_all(row.payload)?;
+                        o.body.write_all(delimiter)?;
+                    }
+                }
+                o.part.records += 1;
+                Ok(())
+            })();
+            if let Err(e) = result {
                 io_error = Some(e);
                 return ControlFlow::Break(());
             }
@@ -124,10 +346,81 @@ pub fn assemble(
     if let Some(e) = io_error {
         return Err(e.into());
     }
-    body.finish()?;
+    for o in open {
+        o.body.finish()?;
+        if partitioned && batching.compression != Compression::None {
+            compress(&o.part.path, batching.compression)?;
+        }
+        staged.parts.push(o.part);
+    }
     if staged.records == 0 {
-        std::fs::remove_file(path)?;
+        if !partitioned {
+            let _ = std::fs::remove_file(base);
+        }
         return Ok(None);
     }
     Ok(Some(staged))
+}
+
+/// Compresses a finished plain file in place (through a sibling file and a rename).
+fn compress(path: &Path, compression: Compression) -> io::Result<()> {
+    let tmp = path.with_extension("z");
+    {
+        let mut input = io::BufReader::new(File::open(path)?);
+        let mut body = Body::new(&tmp, compression, 64 * 1024)?;
+        let mut w = BodyWriter(&mut body);
+        io::copy(&mut input, &mut w)?;
+        body.finish()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+struct BodyWriter<'a>(&'a mut Body);
+
+impl Write for BodyWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_values_come_from_json_fields() {
+        let names = vec!["device".to_string(), "loc.site".to_string()];
+        match partition_of(br#"{"device":"d1","loc":{"site":7}}"#, &names) {
+            Placement::Partition(v) => assert_eq!(v, ["d1", "7"]),
+            Placement::Error(_, m) => panic!("{m}"),
+        }
+        for bad in [
+            &b"not json"[..],
+            br#"{"device":"d1"}"#,
+            br#"{"device":"a/b","loc":{"site":1}}"#,
+            br#"{"device":{},"loc":{"site":1}}"#,
+        ] {
+            assert!(matches!(
+                partition_of(bad, &names),
+                Placement::Error(METADATA_EXTRACTION_FAILED, _)
+            ));
+        }
+    }
+
+    #[test]
+    fn error_records_have_firehose_shape() {
+        let line = error_record(5, "Code", "msg", b"raw");
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["arrivalTimestamp"], 5);
+        assert_eq!(v["errorCode"], "Code");
+        assert_eq!(v["errorMessage"], "msg");
+        assert_eq!(v["attemptsMade"], 1);
+        assert_eq!(v["rawData"], "cmF3");
+        assert!(v["attemptEndingTimestamp"].as_i64().unwrap() > 0);
+        assert_eq!(line.last(), Some(&b'\n'));
+    }
 }

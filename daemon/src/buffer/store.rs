@@ -303,6 +303,7 @@ pub fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 pub struct RowRef<'a> {
     pub id: i64,
     pub arrival_ms: i64,
+    pub partition_key: &'a str,
     pub payload: &'a [u8],
 }
 
@@ -333,17 +334,19 @@ pub fn scan(
             continue;
         }
         let mut stmt = tx.prepare_cached(&format!(
-            "SELECT id, arrival_ms, payload FROM {}
+            "SELECT id, arrival_ms, payload, partition_key FROM {}
              WHERE id > ?1 AND id <= ?2 AND stream IN ({list}) ORDER BY id",
             seg.table()
         ))?;
         let mut rows = stmt.query(params![after, until])?;
         while let Some(row) = rows.next()? {
             let payload = row.get_ref(2)?.as_blob()?;
+            let partition_key = row.get_ref(3)?.as_str()?;
             n += 1;
             let flow = visit(RowRef {
                 id: row.get(0)?,
                 arrival_ms: row.get(1)?,
+                partition_key,
                 payload,
             });
             if flow.is_break() {

@@ -1,0 +1,187 @@
+//! The `s3` sink: puts each staged object under its key with aws-sdk-s3 — one PutObject, or a
+//! multipart upload above the threshold. A key is derived from the batch, so a retry after a
+//! timeout overwrites the same object instead of leaving a second copy.
+
+use std::path::{Path, PathBuf};
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+
+use super::aws::{custom_endpoint, describe, sdk_config};
+use super::SinkError;
+use crate::config::{Compression, S3Config};
+
+pub struct S3Sink {
+    client: Client,
+    bucket: String,
+    multipart_threshold: u64,
+    content_encoding: Option<&'static str>,
+    endpoint: String,
+    staging: PathBuf,
+}
+
+impl S3Sink {
+    pub async fn new(config: &S3Config, compression: Compression, staging: &Path) -> Self {
+        let sdk = sdk_config(&config.aws).await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            // Emulators and older S3-compatible stores do not all take streaming checksums.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .force_path_style(
+                config
+                    .force_path_style
+                    .unwrap_or_else(|| custom_endpoint(&config.aws, "AWS_ENDPOINT_URL_S3")),
+            );
+        if let Some(e) = &config.aws.endpoint {
+            builder = builder.endpoint_url(e);
+        }
+        let endpoint = config
+            .aws
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
+            .or_else(|| sdk.endpoint_url().map(str::to_string))
+            .unwrap_or_else(|| "AWS".into());
+        Self {
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
+            multipart_threshold: config.multipart_threshold,
+            content_encoding: compression.content_encoding(),
+            endpoint,
+            staging: staging.to_path_buf(),
+        }
+    }
+
+    pub fn staging_path(&self, name: &str) -> PathBuf {
+        self.staging.join(format!("{name}.part"))
+    }
+
+    pub fn describe(&self) -> String {
+        format!("s3://{} ({})", self.bucket, self.endpoint)
+    }
+
+    /// Whether the bucket exists and these credentials reach it.
+    pub async fn check(&self) -> Result<(), SinkError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let mut message = describe("HeadBucket", &e);
+                if e.raw_response().map(|r| r.status().as_u16()) == Some(404) {
+                    message = format!("bucket {:?} does not exist ({message})", self.bucket);
+                } else if e.raw_response().map(|r| r.status().as_u16()) == Some(403) {
+                    message = format!(
+                        "access to bucket {:?} denied: check the credentials ({message})",
+                        self.bucket
+                    );
+                }
+                SinkError::Remote(message)
+            })
+    }
+
+    pub async fn put(&self, staged: &Path, key: &str) -> Result<(), SinkError> {
+        let len = tokio::fs::metadata(staged).await?.len();
+        if len > self.multipart_threshold {
+            return self.put_multipart(staged, key, len).await;
+        }
+        let body = ByteStream::from_path(staged)
+            .await
+            .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(len as i64)
+            .set_content_encoding(self.content_encoding.map(str::to_string))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SinkError::Remote(describe("PutObject", &e)))?;
+        Ok(())
+    }
+
+    async fn put_multipart(&self, staged: &Path, key: &str, len: u64) -> Result<(), SinkError> {
+        let part_size = self.multipart_threshold;
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_content_encoding(self.content_encoding.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| SinkError::Remote(describe("CreateMultipartUpload", &e)))?;
+        let Some(upload_id) = upload.upload_id() else {
+            return Err(SinkError::Remote(
+                "CreateMultipartUpload returned no upload id".into(),
+            ));
+        };
+        let result = async {
+            let mut parts = Vec::new();
+            let mut offset = 0;
+            let mut number = 1;
+            while offset < len {
+                let size = part_size.min(len - offset);
+                let body = ByteStream::read_from()
+                    .path(staged)
+                    .offset(offset)
+                    .length(aws_sdk_s3::primitives::Length::Exact(size))
+                    .build()
+                    .await
+                    .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .content_length(size as i64)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| SinkError::Remote(describe("UploadPart", &e)))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .build(),
+                );
+                offset += size;
+                number += 1;
+            }
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| SinkError::Remote(describe("CompleteMultipartUpload", &e)))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // Leave no orphaned parts behind (they cost storage); the batch is retried whole.
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+}

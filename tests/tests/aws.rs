@@ -1,0 +1,362 @@
+//! Delivery to S3 and Kinesis through the real AWS SDK, against moto's server mode (a real
+//! emulator process on loopback), read back independently with boto3 and aws-kinesis-agg.
+//!
+//! moto keeps everything in memory and slows as a stream grows, so these runs are modest.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::time::Duration;
+
+use edgehose_tests::*;
+
+const BUCKET: &str = "telemetry-bucket";
+const STREAM: &str = "telemetry-stream";
+
+fn s3_destination(endpoint: &str, extra: &str) -> String {
+    format!(
+        "type = \"s3\"\nbucket = \"{BUCKET}\"\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\n\
+         delivery_stream = \"{}\"\nbuffer_size = \"1MiB\"\nbuffer_interval = \"1s\"\n{extra}",
+        Gateway::STREAM
+    )
+}
+
+fn kinesis_destination(endpoint: &str, extra: &str) -> String {
+    format!(
+        "type = \"kinesis\"\nstream = \"{STREAM}\"\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\n\
+         buffer_interval = \"500ms\"\n{extra}"
+    )
+}
+
+fn gunzip(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut out)
+        .expect("a gzip object");
+    out
+}
+
+/// (device, seq) of every record in the bucket; checks keys and encodings on the way.
+fn bucket_seqs(moto: &Moto, gzip: bool) -> (usize, Vec<(String, u64)>) {
+    let objects = moto.objects(BUCKET).unwrap();
+    let mut lines = Vec::new();
+    for o in &objects {
+        let ext = if gzip { ".gz" } else { "" };
+        assert!(
+            is_firehose_key(&o.key, Gateway::STREAM, ext),
+            "bad key {}",
+            o.key
+        );
+        let body = if gzip {
+            assert_eq!(o.encoding.as_deref(), Some("gzip"), "{}", o.key);
+            gunzip(&o.body)
+        } else {
+            o.body.clone()
+        };
+        lines.extend(
+            body.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec),
+        );
+    }
+    (objects.len(), seqs_of(lines.iter().map(Vec::as_slice)))
+}
+
+/// Each device's sequence numbers rise within each shard, in stream order.
+fn assert_per_device_order(records: &[StreamRecord]) {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for StreamRecord { shard, data, .. } in records {
+        for (device, seq) in seqs_of([data.as_slice()]) {
+            if let Some(prev) = last.insert(format!("{shard}/{device}"), seq) {
+                assert!(seq > prev, "{device}: {seq} after {prev} in {shard}");
+            }
+        }
+    }
+}
+
+#[test]
+fn s3_gets_every_message_once_in_firehose_layout_gzipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    let setup = Setup {
+        destination: Some(s3_destination(&moto.endpoint(), "compression = \"gzip\"\n")),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let summary = run_sim(gw.mqtt_port, &["-n", "20", "-m", "300", "--rate", "0"]).unwrap();
+    assert_eq!(summary["acknowledged"], 6000, "{summary}");
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+    let (objects, seqs) = bucket_seqs(&moto, true);
+    assert!(objects >= 1);
+    assert_exactly_once(&seqs, 20, 300, "dev");
+    let (delivered, last, _) = delivery_position(&gw.db_path());
+    assert_eq!(delivered, last, "nothing left undelivered");
+}
+
+#[test]
+fn kinesis_gets_every_message_once_with_each_devices_order_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_stream(STREAM, 2).unwrap();
+    let setup = Setup {
+        destination: Some(kinesis_destination(&moto.endpoint(), "")),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let summary = run_sim(gw.mqtt_port, &["-n", "10", "-m", "200", "--rate", "0"]).unwrap();
+    assert_eq!(summary["acknowledged"], 2000, "{summary}");
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+    let records = moto.stream_records(STREAM, false).unwrap();
+    // The partition key is the stream's template, ${topic(2)}: the device id.
+    for r in &records {
+        assert!(!r.aggregated);
+        let (device, _) = &seqs_of([r.data.as_slice()])[0];
+        assert_eq!(&r.key, device);
+    }
+    let shards: std::collections::HashSet<&str> =
+        records.iter().map(|r| r.shard.as_str()).collect();
+    assert_eq!(shards.len(), 2, "ten devices spread over both shards");
+    assert_per_device_order(&records);
+    let seqs = seqs_of(records.iter().map(|r| r.data.as_slice()));
+    assert_exactly_once(&seqs, 10, 200, "dev");
+}
+
+#[test]
+fn kpl_aggregates_deaggregate_with_aws_kinesis_agg_into_every_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_stream(STREAM, 2).unwrap();
+    let setup = Setup {
+        destination: Some(kinesis_destination(
+            &moto.endpoint(),
+            "aggregation = true\naggregate_size = \"50KiB\"\n",
+        )),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let summary = run_sim(gw.mqtt_port, &["-n", "40", "-m", "100", "--rate", "0"]).unwrap();
+    assert_eq!(summary["acknowledged"], 4000, "{summary}");
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+
+    let raw = moto.stream_records(STREAM, false).unwrap();
+    assert!(
+        raw.iter().all(|r| r.aggregated),
+        "every Kinesis record is an aggregate"
+    );
+    assert!(
+        raw.len() < 4000 / 20,
+        "{} Kinesis records for 4000 readings: aggregation packs many per record",
+        raw.len()
+    );
+    let subs = moto.stream_records(STREAM, true).unwrap();
+    // Every sub-record hashes into the shard its aggregate is in (moto splits the hash range
+    // evenly: the top bit picks the shard of two), else the KCL would drop it.
+    for r in &subs {
+        let expected = format!("shardId-{:012}", md5_hash(&r.key) >> 127);
+        assert_eq!(r.shard, expected, "sub-record {} in the wrong shard", r.key);
+    }
+    assert_per_device_order(&subs);
+    let seqs = seqs_of(subs.iter().map(|r| r.data.as_slice()));
+    assert_exactly_once(&seqs, 40, 100, "dev");
+}
+
+fn md5_hash(key: &str) -> u128 {
+    let out = std::process::Command::new(venv_python())
+        .args([
+            "-c",
+            "import hashlib,sys; print(int.from_bytes(hashlib.md5(sys.argv[1].encode()).digest(), 'big'))",
+            key,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn an_outage_loses_nothing_and_the_backlog_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    moto.create_stream(STREAM, 1).unwrap();
+    // The gateway reaches the emulator through a proxy that can go away and come back: moto
+    // itself forgets everything when restarted.
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for (name, destination) in [
+        ("s3", s3_destination(&endpoint, "")),
+        ("kinesis", kinesis_destination(&endpoint, "")),
+    ] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let setup = Setup {
+            destination: Some(destination),
+            shutdown_timeout: "60s",
+            ..Setup::default()
+        };
+        let mut proxy = Some(FaultProxy::start_on(port, moto.port, &[]).unwrap());
+        let mut gw = Gateway::start(&sub, &setup).unwrap();
+        // Before the outage.
+        run_sim(gw.mqtt_port, &["-n", "5", "-m", "100", "--rate", "0"]).unwrap();
+        wait_until(Duration::from_secs(20), "first deliveries", || {
+            gw.metric("edgehose_records_delivered_total{destination=\"local\"}") >= 1.0
+        })
+        .unwrap();
+        // During: the endpoint is gone; devices keep publishing and get their PUBACKs.
+        drop(proxy.take());
+        let during = run_sim(
+            gw.mqtt_port,
+            &["-n", "5", "-m", "100", "--rate", "0", "--first-device", "5"],
+        )
+        .unwrap();
+        assert_eq!(
+            during["acknowledged"], 500,
+            "ingress is not blocked by the outage"
+        );
+        wait_until(Duration::from_secs(20), "a failed delivery", || {
+            gw.metric("edgehose_delivery_errors_total{destination=\"local\"}") >= 1.0
+        })
+        .unwrap();
+        assert!(gw.metric("edgehose_destination_backlog_records{destination=\"local\"}") > 0.0);
+        assert_eq!(
+            gw.metric("edgehose_destination_up{destination=\"local\"}"),
+            0.0
+        );
+        // After: the endpoint returns and the backlog drains.
+        let _back = FaultProxy::start_on(port, moto.port, &[]).unwrap();
+        wait_until(Duration::from_secs(90), "the backlog to drain", || {
+            gw.metric("edgehose_records_delivered_total{destination=\"local\"}") >= 1000.0
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+        assert_eq!(
+            gw.metric("edgehose_destination_backlog_records{destination=\"local\"}"),
+            0.0
+        );
+        assert!(gw.terminate().unwrap().success());
+        let seqs = if name == "s3" {
+            bucket_seqs(&moto, false).1
+        } else {
+            let r = moto.stream_records(STREAM, false).unwrap();
+            seqs_of(r.iter().map(|r| r.data.as_slice()))
+        };
+        let t = tally(&seqs, 10, 100, "dev");
+        eprintln!("{name}: outage: {t:?}");
+        assert_eq!(t.missing, 0, "{name}: records lost");
+    }
+}
+
+#[test]
+fn partial_failures_resend_only_the_failed_entries_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    moto.create_stream(STREAM, 2).unwrap();
+    let proxy = FaultProxy::start(
+        moto.port,
+        &["--kinesis-fail", "0.2", "--s3-fail", "0.4", "--seed", "7"],
+    )
+    .unwrap();
+
+    // Kinesis: 20% of PutRecords entries fail (throttled).
+    let sub = dir.path().join("kinesis");
+    std::fs::create_dir_all(&sub).unwrap();
+    let setup = Setup {
+        destination: Some(kinesis_destination(&proxy.endpoint(), "")),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(&sub, &setup).unwrap();
+    run_sim(gw.mqtt_port, &["-n", "50", "-m", "30", "--rate", "0"]).unwrap();
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+    let stats = proxy.stats().unwrap();
+    let failed = stats["kinesis_failed"].as_u64().unwrap();
+    let entries = stats["kinesis_entries"].as_u64().unwrap();
+    assert!(failed > 0, "{stats}");
+    // Only failed entries were sent again: every entry the proxy saw is a record once, plus one
+    // resend per failure.
+    assert_eq!(entries, 1500 + failed, "{stats}");
+    let records = moto.stream_records(STREAM, false).unwrap();
+    assert_per_device_order(&records);
+    let t = tally(
+        &seqs_of(records.iter().map(|r| r.data.as_slice())),
+        50,
+        30,
+        "dev",
+    );
+    eprintln!("kinesis with 20% failed entries: {failed} resent of {entries}, {t:?}");
+    assert_eq!(
+        t,
+        Tally {
+            missing: 0,
+            duplicates: 0
+        }
+    );
+
+    // S3: 40% of PUTs fail, half of them after the object was stored.
+    let sub = dir.path().join("s3");
+    std::fs::create_dir_all(&sub).unwrap();
+    let setup = Setup {
+        destination: Some(s3_destination(
+            &proxy.endpoint(),
+            "compression = \"gzip\"\n",
+        )),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(&sub, &setup).unwrap();
+    run_sim(gw.mqtt_port, &["-n", "10", "-m", "500", "--rate", "0"]).unwrap();
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+    let stats = proxy.stats().unwrap();
+    let (objects, seqs) = bucket_seqs(&moto, true);
+    let t = tally(&seqs, 10, 500, "dev");
+    eprintln!("s3 with 40% failed PUTs: {stats}, {objects} objects, {t:?}");
+    assert!(
+        stats["s3_failed_after"].as_u64().unwrap() + stats["s3_failed_before"].as_u64().unwrap()
+            > 0,
+        "{stats}"
+    );
+    // A retried batch overwrites its own key: no copies even when a PUT failed after storing.
+    assert_eq!(
+        t,
+        Tally {
+            missing: 0,
+            duplicates: 0
+        }
+    );
+}
+
+#[test]
+fn a_missing_bucket_is_reported_and_the_gateway_keeps_buffering() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    let setup = Setup {
+        destination: Some(s3_destination(&moto.endpoint(), "")),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    wait_until(Duration::from_secs(20), "the startup check", || {
+        gw.log().contains("destination is not usable yet")
+    })
+    .unwrap();
+    let log = gw.log();
+    assert!(
+        log.contains(&format!("bucket \\\"{BUCKET}\\\" does not exist"))
+            || log.contains(&format!("bucket \"{BUCKET}\" does not exist")),
+        "{log}"
+    );
+    let summary = run_sim(gw.mqtt_port, &["-n", "2", "-m", "50", "--rate", "0"]).unwrap();
+    assert_eq!(
+        summary["acknowledged"], 100,
+        "ingress keeps taking messages"
+    );
+    moto.create_bucket(BUCKET).unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "delivery once the bucket exists",
+        || gw.metric("edgehose_records_delivered_total{destination=\"local\"}") >= 100.0,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+    assert!(gw.terminate().unwrap().success());
+    assert_exactly_once(&bucket_seqs(&moto, false).1, 2, 50, "dev");
+}
