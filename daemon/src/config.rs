@@ -1277,4 +1277,101 @@ mod tests {
                 .fingerprint();
         assert_ne!(a, b);
     }
+
+    fn with_destination(body: &str) -> String {
+        format!(
+            "[streams.telemetry]\ntopics = [\"sensors/+/telemetry\"]\ndestinations = [\"d\"]\n\
+             [destinations.d]\n{body}"
+        )
+    }
+
+    #[test]
+    fn s3_destination_is_parsed() {
+        let c = parse(&with_destination(
+            "type = \"s3\"\nbucket = \"my-bucket\"\nregion = \"eu-west-1\"\n\
+             endpoint = \"http://127.0.0.1:5000\"\ncompression = \"snappy\"\n\
+             prefix = \"device=!{partitionKeyFromQuery:device}/\"\n\
+             error_output_prefix = \"errors/!{firehose:error-output-type}/\"\n",
+        ))
+        .unwrap();
+        let d = &c.destinations[0];
+        let SinkConfig::S3(s3) = &d.sink else {
+            panic!("{:?}", d.sink)
+        };
+        assert_eq!(s3.bucket, "my-bucket");
+        assert_eq!(s3.aws.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(s3.multipart_threshold, 16 * 1024 * 1024);
+        assert_eq!(d.keys.extension, ".snappy");
+        assert_eq!(d.keys.prefix.partition_names(), ["device"]);
+    }
+
+    #[test]
+    fn kinesis_destination_gets_near_real_time_defaults() {
+        let c = parse(&with_destination("type = \"kinesis\"\nstream = \"live\"\n")).unwrap();
+        let d = &c.destinations[0];
+        let SinkConfig::Kinesis(k) = &d.sink else {
+            panic!("{:?}", d.sink)
+        };
+        assert_eq!(k.stream, "live");
+        assert!(!k.aggregation);
+        assert_eq!(k.ordering, Ordering::PerKey);
+        assert_eq!(d.batching.interval, Duration::from_secs(1));
+        assert!(
+            !d.batching.newline,
+            "Kinesis records are the payloads as sent"
+        );
+    }
+
+    #[test]
+    fn aws_destination_errors_name_their_key() {
+        let cases = [
+            ("type = \"s3\"\n", "destinations.d.bucket"),
+            ("type = \"kinesis\"\n", "destinations.d.stream"),
+            ("type = \"kinesis\"\nstream = \"bad name\"\n", "destinations.d.stream"),
+            (
+                "type = \"s3\"\nbucket = \"b-1\"\nregion = \"EU West\"\n",
+                "destinations.d.region",
+            ),
+            (
+                "type = \"s3\"\nbucket = \"b-1\"\nendpoint = \"localhost:4566\"\n",
+                "destinations.d.endpoint",
+            ),
+            (
+                "type = \"s3\"\nbucket = \"b-1\"\nmultipart_threshold = \"1MiB\"\n",
+                "destinations.d.multipart_threshold",
+            ),
+            (
+                "type = \"kinesis\"\nstream = \"s\"\naggregate_size = \"2MiB\"\n",
+                "destinations.d.aggregate_size",
+            ),
+            (
+                "type = \"kinesis\"\nstream = \"s\"\nordering = \"random\"\n",
+                "destinations.d.ordering",
+            ),
+            (
+                "type = \"kinesis\"\nstream = \"s\"\ncompression = \"gzip\"\n",
+                "destinations.d.compression",
+            ),
+            (
+                "type = \"file\"\nroot = \"o\"\nbucket = \"b-1\"\nendpoint = \"http://x\"\n",
+                "destinations.d.endpoint",
+            ),
+            (
+                "type = \"s3\"\nbucket = \"b-1\"\naggregation = true\n",
+                "destinations.d.aggregation",
+            ),
+            (
+                "type = \"s3\"\nbucket = \"b-1\"\nprefix = \"d=!{partitionKeyFromQuery:device}/\"\n",
+                "destinations.d.error_output_prefix",
+            ),
+            (
+                "type = \"s3\"\nbucket = \"b-1\"\nerror_output_prefix = \"errors/\"\n",
+                "destinations.d.error_output_prefix",
+            ),
+        ];
+        for (body, key) in cases {
+            let e = err(&with_destination(body));
+            assert_eq!(e.key, key, "{body}: {e}");
+        }
+    }
 }

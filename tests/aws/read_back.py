@@ -37,6 +37,7 @@ def s3(endpoint, bucket):
                 {
                     "key": o["Key"],
                     "content_encoding": obj.get("ContentEncoding"),
+                    "etag": obj.get("ETag", "").strip('"'),
                     "body": base64.b64encode(obj["Body"].read()).decode(),
                 }
             )

@@ -665,6 +665,8 @@ pub struct S3Object {
     pub key: String,
     /// Its Content-Encoding header.
     pub encoding: Option<String>,
+    /// Its ETag: `<md5>-<parts>` when it was put by multipart upload.
+    pub etag: String,
     /// The body as stored (compressed if it was put compressed).
     pub body: Vec<u8>,
 }
@@ -768,6 +770,7 @@ impl Moto {
                 Ok(S3Object {
                     key: o["key"].as_str().context("key")?.to_string(),
                     encoding: o["content_encoding"].as_str().map(str::to_string),
+                    etag: o["etag"].as_str().unwrap_or_default().to_string(),
                     body: b64(o["body"].as_str().context("body")?)?,
                 })
             })

@@ -360,3 +360,154 @@ fn a_missing_bucket_is_reported_and_the_gateway_keeps_buffering() {
     assert!(gw.terminate().unwrap().success());
     assert_exactly_once(&bucket_seqs(&moto, false).1, 2, 50, "dev");
 }
+
+#[test]
+fn dynamic_partitioning_writes_one_object_per_device_and_errors_to_the_error_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    let setup = Setup {
+        destination: Some(s3_destination(
+            &moto.endpoint(),
+            "prefix = \"device=!{partitionKeyFromQuery:device}/\"\n\
+             error_output_prefix = \"errors/!{firehose:error-output-type}/\"\n\
+             compression = \"gzip\"\n",
+        )),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    run_sim(gw.mqtt_port, &["-n", "5", "-m", "50", "--rate", "0"]).unwrap();
+    // JSON without the partition field: Firehose sends such records to the error output.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let orphans: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| {
+            (
+                "sensors/x/telemetry".to_string(),
+                format!("{{\"seq\":{i}}}").into_bytes(),
+            )
+        })
+        .collect();
+    assert_eq!(rt.block_on(publish(gw.mqtt_port, "orphan", orphans)), 10);
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+
+    let objects = moto.objects(BUCKET).unwrap();
+    let mut seqs = Vec::new();
+    let mut errors = Vec::new();
+    for o in &objects {
+        let body = gunzip(&o.body);
+        let lines: Vec<&[u8]> = body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        if let Some(rest) = o.key.strip_prefix("errors/processing-failed/") {
+            assert!(rest.split('/').count() == 5, "{}", o.key);
+            for l in lines {
+                let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+                assert_eq!(
+                    v["errorCode"],
+                    "DynamicPartitioning.MetadataExtractionFailed"
+                );
+                assert!(v["arrivalTimestamp"].as_i64().unwrap() > 0);
+                use base64::Engine;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(v["rawData"].as_str().unwrap())
+                    .unwrap();
+                errors.push(String::from_utf8(raw).unwrap());
+            }
+            continue;
+        }
+        // device=<id>/yyyy/MM/dd/HH/<name>: every record of the object is that device's.
+        let (partition, rest) = o.key.split_once('/').unwrap();
+        let device = partition
+            .strip_prefix("device=")
+            .expect("a device partition");
+        assert!(is_firehose_key(rest, Gateway::STREAM, ".gz"), "{}", o.key);
+        for (d, s) in seqs_of(lines) {
+            assert_eq!(d, device, "{}", o.key);
+            seqs.push((d, s));
+        }
+    }
+    assert_exactly_once(&seqs, 5, 50, "dev");
+    errors.sort();
+    assert_eq!(errors.len(), 10, "{errors:?}");
+    assert!(errors.contains(&"{\"seq\":0}".to_string()));
+}
+
+#[test]
+fn large_batches_go_up_by_multipart_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    let setup = Setup {
+        destination: Some(
+            s3_destination(&moto.endpoint(), "multipart_threshold = \"5MiB\"\n")
+                .replace("buffer_size = \"1MiB\"", "buffer_size = \"12MiB\"")
+                .replace("buffer_interval = \"1s\"", "buffer_interval = \"60s\""),
+        ),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let summary = run_sim(gw.mqtt_port, &["-n", "20", "-m", "2000", "--rate", "0"]).unwrap();
+    assert_eq!(summary["acknowledged"], 40_000);
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+    let objects = moto.objects(BUCKET).unwrap();
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.body.len() > 5 * 1024 * 1024 && o.etag.contains('-')),
+        "an object over the threshold was put in parts: {:?}",
+        objects
+            .iter()
+            .map(|o| (o.body.len(), &o.etag))
+            .collect::<Vec<_>>()
+    );
+    assert_exactly_once(&bucket_seqs(&moto, false).1, 20, 2000, "dev");
+}
+
+#[test]
+fn records_kinesis_cannot_take_go_to_the_error_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_stream(STREAM, 1).unwrap();
+    let errors_root = dir.path().join("errors");
+    let setup = Setup {
+        destination: Some(kinesis_destination(
+            &moto.endpoint(),
+            &format!("error_output_root = \"{}\"\n", errors_root.display()),
+        )),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    // `sensors//telemetry` matches `sensors/+/telemetry`, and its ${topic(2)} is empty: Kinesis
+    // refuses an empty partition key.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let messages = vec![
+        ("sensors/dev-0/telemetry".to_string(), telemetry("dev-0", 0)),
+        ("sensors//telemetry".to_string(), telemetry("nobody", 0)),
+        ("sensors/dev-0/telemetry".to_string(), telemetry("dev-0", 1)),
+    ];
+    assert_eq!(rt.block_on(publish(gw.mqtt_port, "c", messages)), 3);
+    assert!(gw.terminate().unwrap().success(), "{}", gw.log());
+    let records = moto.stream_records(STREAM, false).unwrap();
+    assert_eq!(
+        seqs_of(records.iter().map(|r| r.data.as_slice())),
+        [("dev-0".to_string(), 0), ("dev-0".to_string(), 1)]
+    );
+    let mut found = Vec::new();
+    let mut stack = vec![errors_root.join("local")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                found.push(p);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    let rel = found[0].strip_prefix(errors_root.join("local")).unwrap();
+    assert!(rel.starts_with("processing-failed"), "{rel:?}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&found[0]).unwrap()).unwrap();
+    assert_eq!(v["errorCode"], "Kinesis.InvalidPartitionKey");
+}
