@@ -12,7 +12,7 @@ free_port() {
 }
 
 # Prints a gateway config for the current scratch, mqtt and admin, delivering under the
-# `file` root $1 (default $scratch/out). MODE=frontdoor (default) or MODE=broker (embedded
+# `file` root $1 (default $scratch/out), or to the destination body in $DEST_TOML. MODE=frontdoor (default) or MODE=broker (embedded
 # rumqttd, its log LOG_SEGMENT_SIZE x LOG_SEGMENT_COUNT, default 32MiB x 8).
 bench_config() {
     local root=${1:-$scratch/out}
@@ -43,12 +43,27 @@ topics = ["sensors/+/telemetry"]
 partition_key = "\${topic(2)}"
 destinations = ["local"]
 [destinations.local]
+TOML
+    if [ -n "${DEST_TOML:-}" ]; then
+        printf '%s\n' "$DEST_TOML"
+    else
+        cat <<TOML
 type = "file"
 root = "$root"
 bucket = "bench"
 buffer_size = "5MiB"
 buffer_interval = "1s"
 TOML
+    fi
+}
+
+# The Python venv with moto (the S3/Kinesis emulator) that tests/run.sh also uses.
+bench_venv() {
+    venv=target/test-venv
+    if ! "$venv/bin/python" -c 'import moto.server, boto3' 2>/dev/null; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q 'paho-mqtt>=2,<3' 'moto[server]>=5,<6' 'aws-kinesis-agg>=1.2,<2'
+    fi
 }
 
 bench_wait_ready() {

@@ -340,14 +340,14 @@ impl KinesisSink {
         let aggregate = self.config.aggregation;
         let mut entries: Vec<Entry> = Vec::new();
         // The open entry of each group (a partition key; a shard when aggregating by map).
-        let mut open: HashMap<String, usize> = HashMap::new();
-        let mut blocked: HashSet<String> = HashSet::new();
+        let mut open: HashMap<Group<'_>, usize> = HashMap::new();
+        let mut blocked: HashSet<Group<'_>> = HashSet::new();
         let mut total = 0usize;
         for (i, rec) in pending.iter().enumerate() {
             let shard = map.and_then(|m| m.shard_of(&rec.key));
             let group = match (aggregate, shard) {
-                (true, Some(s)) => format!("shard:{s}"),
-                _ => rec.key.clone(),
+                (true, Some(s)) => Group::Shard(s),
+                _ => Group::Key(&rec.key),
             };
             if blocked.contains(&group) {
                 continue;
@@ -430,6 +430,13 @@ impl KinesisSink {
         }
         entries
     }
+}
+
+/// What a request holds at most one entry of, in per-key order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Group<'a> {
+    Key(&'a str),
+    Shard(usize),
 }
 
 fn jitter(d: Duration) -> Duration {
