@@ -6,6 +6,7 @@
 # memory in one Python process and slows as a stream grows); the script also reports moto's own
 # ceiling, measured with boto3 doing the same puts without the gateway.
 # Usage: tests/bench/aws_drain.sh [records=1000000] [s3|kinesis|kinesis-agg]
+#        (ORDERING=none for Kinesis requests filled regardless of partition keys)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 records=${1:-1000000}
@@ -39,6 +40,7 @@ kinesis|kinesis-agg)
 stream = \"bench\"
 region = \"us-east-1\"
 endpoint = \"$endpoint\"
+ordering = \"${ORDERING:-per_key}\"
 aggregation = $([ "$target" = kinesis-agg ] && echo true || echo false)" ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac
