@@ -93,6 +93,8 @@ pub struct Setup {
     /// The body of `[destinations.local]` instead of the `file` destination (for example an
     /// `s3` or `kinesis` one against an emulator).
     pub destination: Option<String>,
+    /// Extra environment for the daemon (for example AWS_REGION, AWS_ENDPOINT_URL_S3).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for Setup {
@@ -110,6 +112,7 @@ impl Default for Setup {
             listen_v5: None,
             root: "out",
             destination: None,
+            env: Vec::new(),
         }
     }
 }
@@ -117,6 +120,7 @@ impl Default for Setup {
 /// One `edgehose run` process with its scratch directory.
 pub struct Gateway {
     pub dir: PathBuf,
+    env: Vec<(&'static str, String)>,
     pub mqtt_port: u16,
     pub admin_port: u16,
     pub config_path: PathBuf,
@@ -192,6 +196,7 @@ destinations = ["local"]
         std::fs::write(&config_path, config)?;
         let mut gw = Self {
             dir: dir.to_path_buf(),
+            env: setup.env.clone(),
             mqtt_port,
             admin_port,
             config_path,
@@ -222,6 +227,7 @@ destinations = ["local"]
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_ENDPOINT_URL")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

@@ -511,3 +511,77 @@ fn records_kinesis_cannot_take_go_to_the_error_output() {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&found[0]).unwrap()).unwrap();
     assert_eq!(v["errorCode"], "Kinesis.InvalidPartitionKey");
 }
+
+#[test]
+fn region_and_endpoints_come_from_the_environment_when_the_config_has_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    moto.create_stream(STREAM, 1).unwrap();
+    let cases = [
+        (
+            "s3",
+            format!(
+                "type = \"s3\"\nbucket = \"{BUCKET}\"\ndelivery_stream = \"{}\"\n",
+                Gateway::STREAM
+            ),
+            vec![
+                ("AWS_REGION", "us-east-1".to_string()),
+                // The S3-specific variable beats the general one (which points nowhere).
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:9".to_string()),
+                ("AWS_ENDPOINT_URL_S3", moto.endpoint()),
+            ],
+        ),
+        (
+            "kinesis",
+            format!("type = \"kinesis\"\nstream = \"{STREAM}\"\n"),
+            vec![
+                ("AWS_DEFAULT_REGION", "us-east-1".to_string()),
+                ("AWS_ENDPOINT_URL", moto.endpoint()),
+            ],
+        ),
+    ];
+    for (name, destination, env) in cases {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let setup = Setup {
+            destination: Some(destination),
+            env,
+            ..Setup::default()
+        };
+        let mut gw = Gateway::start(&sub, &setup).unwrap();
+        run_sim(gw.mqtt_port, &["-n", "2", "-m", "20", "--rate", "0"]).unwrap();
+        assert!(gw.terminate().unwrap().success());
+        assert_eq!(
+            gw.metric("edgehose_delivery_errors_total{destination=\"local\"}"),
+            0.0
+        );
+        let seqs = if name == "s3" {
+            bucket_seqs(&moto, false).1
+        } else {
+            let r = moto.stream_records(STREAM, false).unwrap();
+            seqs_of(r.iter().map(|r| r.data.as_slice()))
+        };
+        assert_exactly_once(&seqs, 2, 20, "dev");
+        assert!(!gw.log().contains("not usable"), "{}", gw.log());
+    }
+}
+
+#[test]
+fn an_endpoint_in_the_config_beats_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    let setup = Setup {
+        destination: Some(s3_destination(&moto.endpoint(), "")),
+        env: vec![
+            ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9".to_string()),
+            ("AWS_REGION", "eu-north-1".to_string()),
+        ],
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    run_sim(gw.mqtt_port, &["-n", "2", "-m", "20", "--rate", "0"]).unwrap();
+    assert!(gw.terminate().unwrap().success());
+    assert_exactly_once(&bucket_seqs(&moto, false).1, 2, 20, "dev");
+}

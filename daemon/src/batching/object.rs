@@ -412,6 +412,22 @@ mod tests {
     }
 
     #[test]
+    fn snappy_bodies_use_the_framing_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.part");
+        let mut body = Body::new(&path, Compression::Snappy, 1024).unwrap();
+        body.write_all(b"{\"a\":1}\n").unwrap();
+        body.write_all(b"{\"a\":2}\n").unwrap();
+        body.finish().unwrap();
+        let raw = std::fs::read(&path).unwrap();
+        // The stream identifier chunk that starts every framed snappy stream.
+        assert_eq!(&raw[..10], b"\xff\x06\x00\x00sNaPpY");
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut snap::read::FrameDecoder::new(&raw[..]), &mut out).unwrap();
+        assert_eq!(out, b"{\"a\":1}\n{\"a\":2}\n");
+    }
+
+    #[test]
     fn error_records_have_firehose_shape() {
         let line = error_record(5, "Code", "msg", b"raw");
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
