@@ -88,6 +88,8 @@ struct RawConfig {
     shutdown: RawShutdown,
     streams: BTreeMap<String, RawStream>,
     destinations: BTreeMap<String, RawDestination>,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +165,12 @@ struct RawShutdown {
     timeout: Option<Duration>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    filter: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStream {
@@ -211,7 +219,14 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub streams: Vec<StreamConfig>,
     pub destinations: Vec<DestinationConfig>,
+    /// The log filter (`tracing` syntax); `EDGEHOSE_LOG` overrides it.
+    pub log_filter: String,
 }
+
+/// rumqttd logs every device disconnect at ERROR from these two modules; what matters of them
+/// (messages it dropped) edgehose counts and logs itself.
+pub const DEFAULT_LOG_FILTER: &str =
+    "info,rumqttd=warn,rumqttd::router::routing=off,rumqttd::server::broker=off";
 
 #[derive(Debug, Clone)]
 pub struct IngressConfig {
@@ -577,6 +592,16 @@ impl RawConfig {
             }
         }
 
+        let log_filter = self
+            .log
+            .filter
+            .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+            return Err(ConfigError::new(
+                "log.filter",
+                format!("{log_filter:?} is not a log filter: {e}"),
+            ));
+        }
         Ok(Config {
             ingress,
             buffer,
@@ -584,6 +609,7 @@ impl RawConfig {
             shutdown_timeout,
             streams,
             destinations,
+            log_filter,
         })
     }
 }

@@ -13,7 +13,8 @@
 //!    delivered records are deleted.
 //!
 //! Around them: [`config`] (TOML -> validated `Config`), [`admin`] (`/healthz`, `/metrics`),
-//! [`shutdown`] (one signal, stages finish in flow order).
+//! [`shutdown`] (one signal, stages finish in flow order), [`service`] (systemd notify,
+//! watchdog, journal format), [`reload`] (SIGHUP).
 
 pub mod config;
 pub mod message;
@@ -29,6 +30,8 @@ pub mod sinks;
 
 pub mod admin;
 pub mod metrics;
+pub mod reload;
+pub mod service;
 pub mod shutdown;
 
 use std::sync::Arc;
@@ -37,14 +40,17 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+pub use crate::reload::Reload;
+
 use crate::batching::Destination;
 use crate::config::{Config, IngressMode};
+use crate::reload::Hints;
 use crate::routing::Router;
 use crate::sinks::Sink;
 
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down in flow order within
-/// `shutdown.timeout`.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// `shutdown.timeout`. With `reload`, SIGHUP reloads the config file.
+pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<()> {
     let metrics_handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the metrics recorder")?;
@@ -63,7 +69,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .unwrap_or(std::path::Path::new("."))
         .join("staging");
     let mut destinations = JoinSet::new();
+    let mut hints = Vec::new();
     for (index, dest) in config.destinations.iter().enumerate() {
+        let (hints_tx, hints_rx) = tokio::sync::watch::channel(Hints {
+            size: dest.batching.size,
+            interval: dest.batching.interval,
+        });
+        hints.push(hints_tx);
         let streams: Vec<usize> = config
             .streams
             .iter()
@@ -83,11 +95,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 buffer_path: buffer.path.clone(),
                 control: buffer.control.clone(),
                 committed: buffer.committed.clone(),
+                hints: hints_rx,
                 shutdown: shutdown.clone(),
             }
             .run(),
         );
     }
+    let watchdog = service::watchdog_interval().map(|interval| {
+        info!(?interval, "systemd watchdog enabled");
+        tokio::spawn(service::watchdog(
+            interval,
+            buffer.control.downgrade(),
+            shutdown.clone(),
+        ))
+    });
     drop(buffer.control);
 
     let admin = match config.admin.listen {
@@ -122,8 +143,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )),
     };
     info!("edgehose ready");
+    service::ready();
 
-    wait_for_signal().await;
+    wait_for_signal(|| {
+        if let Some(r) = &reload {
+            service::reloading();
+            reload::apply(r, &mut config, &hints);
+            service::reloaded();
+        } else {
+            info!("SIGHUP ignored: no config file to reload");
+        }
+    })
+    .await;
+    service::stopping();
     info!(timeout = ?config.shutdown_timeout, "shutting down: stopping ingress, committing, flushing open batches");
     trigger.begin();
 
@@ -142,10 +174,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(admin) = admin {
         admin.abort();
     }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT, calling `on_hup` for every SIGHUP meanwhile.
+async fn wait_for_signal(mut on_hup: impl FnMut()) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
@@ -155,8 +191,14 @@ async fn wait_for_signal() {
             return;
         }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| warn!(error = %e, "cannot listen for SIGHUP; reload needs a restart"))
+        .ok();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => on_hup(),
+        }
     }
 }

@@ -5,11 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-/// rumqttd logs every device disconnect at ERROR from these two modules; what matters of them
-/// (messages it dropped) edgehose counts and logs itself. `EDGEHOSE_LOG` overrides this.
-const DEFAULT_LOG_FILTER: &str =
-    "info,rumqttd=warn,rumqttd::router::routing=off,rumqttd::server::broker=off";
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 #[derive(Parser)]
 #[command(
@@ -24,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway until SIGTERM or SIGINT.
+    /// Run the gateway until SIGTERM or SIGINT; SIGHUP reloads what can change live.
     Run {
         /// The TOML config file.
         #[arg(long, short, default_value = "config/edgehose.toml")]
@@ -51,18 +49,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config: path } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("EDGEHOSE_LOG")
-                        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
-                )
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr)
-                .init();
-            // Every device is a socket: take the hard limit on open files (systemd's LimitNOFILE).
-            if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-                tracing::warn!(error = %e, "cannot raise the open-files limit");
-            }
             let config = match edgehose::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -70,6 +56,39 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // EDGEHOSE_LOG beats the config's `log.filter`, at start and at every reload.
+            let env_filter = std::env::var("EDGEHOSE_LOG").ok();
+            let filter = |text: &str| tracing_subscriber::EnvFilter::new(text);
+            let initial = filter(env_filter.as_deref().unwrap_or(&config.log_filter));
+            let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(initial);
+            let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+            let output = if edgehose::service::logging_to_journal() {
+                output
+                    .with_ansi(false)
+                    .event_format(edgehose::service::JournalFormat)
+                    .boxed()
+            } else {
+                output
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .boxed()
+            };
+            tracing_subscriber::registry()
+                .with(filter_layer)
+                .with(output)
+                .init();
+            let set_log_filter = Box::new(move |text: &str| {
+                if env_filter.is_some() {
+                    return Ok(false);
+                }
+                handle
+                    .reload(filter(text))
+                    .map(|()| true)
+                    .map_err(|e| e.to_string())
+            });
+            // Every device is a socket: take the hard limit on open files (systemd's LimitNOFILE).
+            if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+                tracing::warn!(error = %e, "cannot raise the open-files limit");
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("edgehose")
@@ -81,7 +100,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(edgehose::run(config)) {
+            let reload = edgehose::Reload {
+                path,
+                set_log_filter,
+            };
+            match runtime.block_on(edgehose::run(config, Some(reload))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

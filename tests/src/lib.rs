@@ -248,7 +248,7 @@ destinations = ["local"]
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    fn pid(&self) -> i32 {
+    pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }
 
@@ -278,6 +278,11 @@ destinations = ["local"]
         let killed = child.kill();
         child.wait()?;
         Ok(killed?)
+    }
+
+    /// Waits (bounded) for an exit a signal already asked for.
+    pub fn terminate_wait(&mut self) -> anyhow::Result<ExitStatus> {
+        self.wait(Duration::from_secs(30))
     }
 
     fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {

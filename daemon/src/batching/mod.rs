@@ -61,6 +61,8 @@ pub struct Destination {
     pub buffer_path: PathBuf,
     pub control: mpsc::Sender<Control>,
     pub committed: watch::Receiver<Committed>,
+    /// Buffering hints, which a SIGHUP reload may change.
+    pub hints: watch::Receiver<crate::reload::Hints>,
     pub shutdown: Shutdown,
 }
 
@@ -141,6 +143,12 @@ impl Destination {
         let mut last_advance = tokio::time::Instant::now();
 
         loop {
+            let h = *self.hints.borrow_and_update();
+            if (h.size, h.interval) != (self.config.batching.size, self.config.batching.interval) {
+                info!(destination = %name, size = h.size, interval = ?h.interval, "buffering hints changed");
+                self.config.batching.size = h.size;
+                self.config.batching.interval = h.interval;
+            }
             let (cum, last_id, ingest_closed) = {
                 let c = self.committed.borrow_and_update();
                 (
@@ -228,6 +236,7 @@ impl Destination {
                 }
             }
             _ = sleep => {}
+            _ = self.hints.changed() => {}
             _ = shutdown.wait(), if !shutting_down => {}
         }
     }

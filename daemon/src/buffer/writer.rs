@@ -61,6 +61,8 @@ pub enum Control {
         last_id: i64,
         done: oneshot::Sender<Result<(), BufferError>>,
     },
+    /// Answered at once: the writer's loop is alive (the systemd watchdog asks).
+    Ping(oneshot::Sender<()>),
 }
 
 /// The writer's view of the destinations it keeps positions for.
@@ -514,6 +516,9 @@ impl Writer {
                 let r = store::set_intent(&self.conn, &self.destinations[dest].name, last_id, &key)
                     .map_err(BufferError::from);
                 let _ = done.send(r);
+            }
+            Control::Ping(done) => {
+                let _ = done.send(());
             }
             Control::Delivered {
                 dest,
