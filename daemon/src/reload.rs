@@ -11,11 +11,13 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Config};
 
-/// How to reload: the config file, and how to swap the log filter (returns false when the
-/// environment's `EDGEHOSE_LOG` pins it).
+/// Swaps the log filter; Ok(false) when the environment's `EDGEHOSE_LOG` pins it.
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<bool, String> + Send + Sync>;
+
+/// How to reload: the config file, and how to swap the log filter.
 pub struct Reload {
     pub path: PathBuf,
-    pub set_log_filter: Box<dyn Fn(&str) -> Result<bool, String> + Send + Sync>,
+    pub set_log_filter: SetLogFilter,
 }
 
 /// A destination's buffering hints, which a reload may change.
