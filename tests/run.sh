@@ -21,6 +21,12 @@ if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } \
     fi
 fi
 
+# systemd-analyze checks the service unit (tests/systemd-unit.sh).
+if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== installing systemd (for systemd-analyze)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
 # A Python venv with paho-mqtt (the second third-party client of the conformance tests), moto's
 # server mode (the S3 and Kinesis emulator of the AWS tests; boto3 comes with it and reads the
 # output back) and aws-kinesis-agg (awslabs' de-aggregator, to check KPL aggregates).
@@ -51,5 +57,9 @@ echo "== checking firmware-sim's hardware build (real I2C through linux-embedded
 cargo clippy --locked -j2 -p firmware-sim --features hardware -- -D warnings
 echo "== building the binaries the end-to-end tests run"
 cargo build --locked -j2 --workspace --bins
+echo "== the systemd unit"
+tests/systemd-unit.sh
+echo "== the Debian package"
+tests/package.sh
 echo "== cargo test"
 cargo test --locked -j2 --workspace
