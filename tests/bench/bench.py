@@ -1,0 +1,531 @@
+#!/usr/bin/env python3
+"""The benchmark: every figure of BENCHMARKS.md's main table from one command, with the
+baselines measured in the same invocation on the same load.
+
+Run it through tests/bench/bench.sh, which builds the release binaries first:
+
+    tests/bench/bench.sh [--runs 3] [--json] [--quick]
+
+Each figure is measured --runs times (default 3) and reported as median [min-max]. --quick
+runs every figure once with tiny loads (CI uses it so the harness cannot rot; it asserts
+nothing about speed). --json prints one JSON document instead of the table.
+
+Systems:
+  edgehose   the release daemon, front door (PUBACK after the durable commit), `file`
+             destination, everything else as configured by default (synchronous = "full")
+  rumqttd    a standalone rumqttd 0.20 relaying to an in-process subscriber that does nothing
+             (tests/src/bin/rumqttd-relay.rs): PUBACK from memory, nothing durable
+  mosquitto  Debian's mosquitto relaying to one rumqttc subscriber that does nothing
+             (tests/src/bin/null-sub.rs)
+The load is firmware-sim's realistic 200-byte JSON from 100 devices (--engine raw: a lean MQTT
+writer per device, so the load generator leaves the daemon most of the 2 cores).
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.path.join(ROOT, "target", "release")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def now_ms():
+    return time.time() * 1000.0
+
+
+def proc_status(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def proc_cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_written(pid):
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Edgehose:
+    """One `edgehose run` on a scratch directory with the benchmark config."""
+
+    def __init__(self, root=None, interval="1s", size="5MiB", scratch=None):
+        self.scratch = scratch or tempfile.mkdtemp(prefix="edgehose-bench-")
+        self.mqtt = free_port()
+        self.admin = free_port()
+        self.out = root or os.path.join(self.scratch, "out")
+        config = f"""
+[ingress]
+mode = "frontdoor"
+[ingress.frontdoor]
+listen = "127.0.0.1:{self.mqtt}"
+[buffer]
+path = "{self.scratch}/data/edgehose.db"
+[admin]
+listen = "127.0.0.1:{self.admin}"
+[streams.telemetry]
+topics = ["sensors/+/telemetry"]
+partition_key = "${{topic(2)}}"
+destinations = ["local"]
+[destinations.local]
+type = "file"
+root = "{self.out}"
+bucket = "bench"
+buffer_size = "{size}"
+buffer_interval = "{interval}"
+"""
+        self.config = os.path.join(self.scratch, f"edgehose-{self.mqtt}.toml")
+        with open(self.config, "w") as f:
+            f.write(config)
+        self.log = open(os.path.join(self.scratch, "edgehose.log"), "a")
+        self.started = time.time()
+        self.proc = subprocess.Popen(
+            [os.path.join(BIN, "edgehose"), "run", "--config", self.config],
+            stdout=subprocess.DEVNULL, stderr=self.log)
+        self.ready_after = self.wait_ready()
+
+    def wait_ready(self):
+        end = time.time() + 30
+        while time.time() < end:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/healthz", timeout=1)
+                return time.time() - self.started
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.002)
+        raise RuntimeError("edgehose did not start: " + open(self.log.name).read()[-2000:])
+
+    def metric(self, name):
+        """The metric's value, summed over its label sets."""
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=5).read()
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            key, value = line.rsplit(" ", 1)
+            if key == name or key.startswith(name + "{"):
+                total += float(value)
+        return total
+
+    def wait_metric(self, name, at_least, timeout=600):
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.metric(name) >= at_least:
+                return time.time()
+            time.sleep(0.01)
+        raise RuntimeError(f"{name} did not reach {at_least}")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self, keep=False):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=120)
+        self.log.close()
+        if not keep:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+def sim(port, devices, messages, rate=0.0, qos=1, extra=()):
+    out = subprocess.run(
+        [os.path.join(BIN, "firmware-sim"), "--port", str(port), "--devices", str(devices),
+         "--messages", str(messages), "--rate", str(rate), "--qos", str(qos),
+         "--engine", "raw", "--payload-size", "200", "--json", *extra],
+        capture_output=True, check=True, text=True)
+    return json.loads(out.stdout)
+
+
+def relay_run(kind, total, qos, devices, per):
+    """A baseline relay run: (delivered msg/s, devices' publish msg/s, received)."""
+    port = free_port()
+    scratch = tempfile.mkdtemp(prefix="relay-bench-")
+    procs = []
+    try:
+        if kind == "rumqttd":
+            relay = subprocess.Popen([os.path.join(BIN, "rumqttd-relay"), str(port), str(total)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append(relay)
+            relay.stderr.readline()  # "ready"
+            time.sleep(0.2)
+        else:
+            conf = os.path.join(scratch, "mosquitto.conf")
+            with open(conf, "w") as f:
+                f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                        "max_queued_messages 0\nmax_inflight_messages 0\n"
+                        "persistence false\nlog_dest none\n"
+                        + ("user root\n" if os.geteuid() == 0 else ""))
+            mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+            broker = subprocess.Popen([mosq, "-c", conf], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            procs.append(broker)
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            relay = subprocess.Popen([os.path.join(BIN, "null-sub"), str(port), str(total)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append(relay)
+            relay.stderr.readline()  # "ready"
+        start = now_ms()
+        s = sim(port, devices, per, qos=qos)
+        out, _ = relay.communicate(timeout=600)
+        r = json.loads(out)
+        took = max(r["last_ms"] - start, 1)
+        return r["received"] * 1000.0 / took, s["rate_msg_s"], r["received"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def edgehose_ingest(total, qos, devices, per):
+    """(committed msg/s, devices' publish msg/s, peak RSS KiB, CPU s per million, committed)."""
+    gw = Edgehose()
+    try:
+        cpu0 = proc_cpu_s(gw.pid)
+        start = time.time()
+        s = sim(gw.mqtt, devices, per, qos=qos)
+        sent = s["published"]
+        done = gw.wait_metric("edgehose_records_committed_total", sent, timeout=120)
+        committed = gw.metric("edgehose_records_committed_total")
+        cpu = proc_cpu_s(gw.pid) - cpu0
+        hwm = proc_status(gw.pid, "VmHWM")
+        return committed / (done - start), s["rate_msg_s"], hwm, cpu / committed * 1e6, committed, sent
+    finally:
+        gw.stop()
+
+
+def steady(rate, seconds, devices=100, interval="1s"):
+    """A steady load: PUBACK latencies, RSS samples, CPU and bytes written."""
+    gw = Edgehose(interval=interval)
+    samples = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(5):
+            samples.append(proc_status(gw.pid, "VmRSS"))
+
+    t = threading.Thread(target=sample, daemon=True)
+    try:
+        cpu0, w0 = proc_cpu_s(gw.pid), proc_written(gw.pid)
+        t.start()
+        s = sim(gw.mqtt, devices, max(1, int(rate / devices * seconds)), rate=rate / devices)
+        gw.wait_metric("edgehose_records_committed_total", s["published"], timeout=60)
+        stop.set()
+        cpu = proc_cpu_s(gw.pid) - cpu0
+        hwm = proc_status(gw.pid, "VmHWM")
+        # Writes while the load ran (the objects it caused included), not the final flush.
+        written = proc_written(gw.pid) - w0
+        return {
+            "rate": s["rate_msg_s"], "p50": s["puback_latency_ms_p50"],
+            "p99": s["puback_latency_ms_p99"], "max": s["puback_latency_ms_max"],
+            "hwm_kib": hwm, "rss_samples_kib": samples,
+            "cpu_s_per_million": cpu / s["published"] * 1e6,
+            "written_per_payload_byte": written / (s["published"] * 200.0),
+        }
+    finally:
+        stop.set()
+        gw.stop()
+
+
+def delivered_latency(rate, seconds, interval_s=1):
+    """publish -> delivered: each record's device timestamp against the moment its object
+    appeared in the `file` destination (polled every 5 ms)."""
+    gw = Edgehose(interval=f"{interval_s}s")
+    seen = {}
+    stop = threading.Event()
+    bucket = os.path.join(gw.out, "bench")
+
+    def watch():
+        while not stop.is_set():
+            for dirpath, _, files in os.walk(bucket):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    if path not in seen:
+                        seen[path] = now_ms()
+            time.sleep(0.005)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        s = sim(gw.mqtt, 100, max(1, int(rate / 100 * seconds)), rate=rate / 100)
+        gw.wait_metric("edgehose_records_delivered_total", s["published"],
+                       timeout=interval_s * 5 + 30)
+        time.sleep(0.05)
+        stop.set()
+        t.join()
+        lat = []
+        for path, at in seen.items():
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        lat.append(at - json.loads(line)["ts"])
+                    except (ValueError, KeyError):
+                        pass
+        lat.sort()
+        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+        return {"p50": pick(0.5), "p99": pick(0.99), "max": lat[-1], "records": len(lat)}
+    finally:
+        stop.set()
+        gw.stop()
+
+
+def backlog(records):
+    """Fill `records` while the destination cannot write, kill -9, restart writable: time to
+    ready, to the first object, to the last record delivered."""
+    first = Edgehose(root="/proc/edgehose-nowhere")
+    scratch = first.scratch
+    per = max(1, records // 100)
+    sim(first.mqtt, 100, per)
+    first.wait_metric("edgehose_records_committed_total", per * 100, timeout=300)
+    first.kill9()
+    gw = Edgehose(scratch=scratch)
+    try:
+        start = gw.started
+        ready = gw.ready_after
+        first_at = gw.wait_metric("edgehose_records_delivered_total", 1, timeout=300)
+        done = gw.wait_metric("edgehose_records_delivered_total", per * 100, timeout=600)
+        return {"ready_s": ready, "first_delivery_s": first_at - start,
+                "drain_rate": per * 100 / (done - start), "hwm_kib": proc_status(gw.pid, "VmHWM")}
+    finally:
+        gw.stop()
+
+
+def many_devices(devices, seconds):
+    gw = Edgehose()
+    try:
+        cpu0 = proc_cpu_s(gw.pid)
+        s = sim(gw.mqtt, devices, seconds, rate=1.0, extra=("--spread", "5"))
+        cpu = proc_cpu_s(gw.pid) - cpu0
+        return {"acknowledged": s["acknowledged"], "hwm_kib": proc_status(gw.pid, "VmHWM"),
+                "cpu_s": cpu, "cpu_share": cpu / max(s.get("elapsed_s", seconds), 1e-9)}
+    finally:
+        gw.stop()
+
+
+def stripped_size(path):
+    if not os.path.exists(path):
+        return None
+    with tempfile.NamedTemporaryFile() as t:
+        strip = "strip"
+        if "aarch64" in path and shutil.which("aarch64-linux-gnu-strip"):
+            strip = "aarch64-linux-gnu-strip"
+        if subprocess.run([strip, "-o", t.name, path], capture_output=True).returncode != 0:
+            return os.path.getsize(path)
+        return os.path.getsize(t.name)
+
+
+def summary(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "runs": len(v)}
+
+
+def machine():
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    disk = subprocess.run(["df", "-T", ROOT], capture_output=True, text=True).stdout.splitlines()
+    return {"cores": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+            "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30),
+            "filesystem": disk[-1].split()[1] + " on " + disk[-1].split()[0] if disk else "?",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="every figure once, tiny loads (CI: the harness runs, speed not judged)")
+    a = ap.parse_args()
+    runs = 1 if a.quick else a.runs
+    q = a.quick
+    per = 200 if q else 5000          # messages per device in ingest runs (100 devices)
+    total = 100 * per
+    log = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    fig, raw = {}, {}
+
+    for qos in (1, 0):
+        for system in ("edgehose", "rumqttd", "mosquitto"):
+            rates, pubs, extra = [], [], []
+            for r in range(runs):
+                if system == "edgehose":
+                    rate, pub, hwm, cpu, committed, sent = edgehose_ingest(total, qos, 100, per)
+                    extra.append({"hwm_kib": hwm, "cpu_s_per_million": cpu,
+                                  "committed": committed, "sent": sent})
+                    log(f"ingest qos{qos} {system} run {r + 1}: {rate:,.0f} msg/s committed "
+                        f"({committed:.0f} of {sent} sent), RSS {hwm // 1024} MiB")
+                else:
+                    rate, pub, received = relay_run(system, total, qos, 100, per)
+                    extra.append({"received": received})
+                    log(f"ingest qos{qos} {system} run {r + 1}: {rate:,.0f} msg/s delivered "
+                        f"({received} of {total})")
+                rates.append(rate)
+                pubs.append(pub)
+            raw[f"ingest_qos{qos}_{system}"] = {"rates": rates, "publish_rates": pubs, "runs": extra}
+            fig[f"ingest_qos{qos}_{system}"] = summary(rates)
+
+    e1 = fig["ingest_qos1_edgehose"]["median"]
+    fig["ratio_qos1_vs_rumqttd"] = e1 / fig["ingest_qos1_rumqttd"]["median"]
+    fig["ratio_qos1_vs_mosquitto"] = e1 / fig["ingest_qos1_mosquitto"]["median"]
+    fig["qos0_lost"] = max(r["sent"] - r["committed"] for r in raw["ingest_qos0_edgehose"]["runs"])
+    fig["qos1_lost"] = max(r["sent"] - r["committed"] for r in raw["ingest_qos1_edgehose"]["runs"])
+    fig["rss_at_max_rate_mib"] = summary(
+        [r["hwm_kib"] / 1024 for r in raw["ingest_qos1_edgehose"]["runs"]])
+    fig["cpu_s_per_million_at_max_rate"] = summary(
+        [r["cpu_s_per_million"] for r in raw["ingest_qos1_edgehose"]["runs"]])
+
+    half = e1 / 2
+    lat = [steady(half, 3 if q else 20) for _ in range(runs)]
+    for k in ("p50", "p99", "max"):
+        fig[f"latency_committed_half_rate_{k}_ms"] = summary([x[k] for x in lat])
+    fig["half_rate_msg_s"] = summary([x["rate"] for x in lat])
+    log(f"latency at {half:,.0f} msg/s: p99 {fig['latency_committed_half_rate_p99_ms']}")
+
+    dl = [delivered_latency(2000 if q else 10000, 3 if q else 20) for _ in range(runs)]
+    for k in ("p50", "p99", "max"):
+        fig[f"latency_delivered_{k}_ms"] = summary([x[k] for x in dl])
+    log(f"publish -> delivered (1 s interval): p99 {fig['latency_delivered_p99_ms']}")
+
+    st = [steady(2000 if q else 10000, 5 if q else 60) for _ in range(runs)]
+    fig["rss_10k_mib"] = summary([x["hwm_kib"] / 1024 for x in st])
+    fig["rss_10k_samples_mib"] = [round(s / 1024, 1) for s in st[0]["rss_samples_kib"]]
+    fig["cpu_s_per_million_10k"] = summary([x["cpu_s_per_million"] for x in st])
+    fig["written_per_payload_byte_10k"] = summary([x["written_per_payload_byte"] for x in st])
+    log(f"10k msg/s: RSS {fig['rss_10k_mib']}, written/payload {fig['written_per_payload_byte_10k']}")
+
+    bl = [backlog(20_000 if q else 1_000_000) for _ in range(runs)]
+    fig["backlog_records"] = 20_000 if q else 1_000_000
+    fig["backlog_ready_s"] = summary([x["ready_s"] for x in bl])
+    fig["backlog_first_delivery_s"] = summary([x["first_delivery_s"] for x in bl])
+    fig["backlog_drain_rate"] = summary([x["drain_rate"] for x in bl])
+    log(f"backlog: ready {fig['backlog_ready_s']}, drain {fig['backlog_drain_rate']}")
+
+    md = [many_devices(200 if q else 10_000, 3 if q else 20) for _ in range(runs)]
+    fig["devices"] = 200 if q else 10_000
+    fig["devices_rss_mib"] = summary([x["hwm_kib"] / 1024 for x in md])
+    fig["devices_cpu_s"] = summary([x["cpu_s"] for x in md])
+    fig["devices_acknowledged"] = min(x["acknowledged"] for x in md)
+    log(f"{fig['devices']} devices: RSS {fig['devices_rss_mib']}")
+
+    sizes = {}
+    for name, path in [
+        ("x86_64 release", os.path.join(BIN, "edgehose")),
+        ("x86_64 dist", os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/dist/edgehose")),
+        ("aarch64 dist", os.path.join(ROOT, "target/aarch64-unknown-linux-gnu/dist/edgehose")),
+        ("armv7 dist", os.path.join(ROOT, "target/armv7-unknown-linux-gnueabihf/dist/edgehose")),
+    ]:
+        s = stripped_size(path)
+        if s is not None:
+            sizes[name] = round(s / 2**20, 1)
+    fig["stripped_binary_mib"] = sizes
+
+    doc = {"machine": machine(), "runs": runs, "quick": q, "figures": fig, "raw": raw}
+    if a.json:
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+        return
+    print_table(doc)
+
+
+def fmt(s, unit="", digits=0):
+    if s is None:
+        return "-"
+    if isinstance(s, dict):
+        f = f"{{:,.{digits}f}}"
+        return f"{f.format(s['median'])} [{f.format(s['min'])}-{f.format(s['max'])}]{unit}"
+    return f"{s:,.{digits}f}{unit}"
+
+
+def print_table(doc):
+    f, m = doc["figures"], doc["machine"]
+    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, {m['memory_gib']} GiB, {m['filesystem']}, "
+          f"kernel {m['kernel']}, {m['date']}; median [min-max] of {doc['runs']} run(s)\n")
+    rows = [
+        ("sustained ingest, QoS 1, 100 clients, durable commits", fmt(f["ingest_qos1_edgehose"], " msg/s"),
+         ">= 300,000"),
+        ("  rumqttd relay (no durability), same load", fmt(f["ingest_qos1_rumqttd"], " msg/s"),
+         f"edgehose = {f['ratio_qos1_vs_rumqttd']:.2f}x (>= 0.6x)"),
+        ("  mosquitto relay, same load", fmt(f["ingest_qos1_mosquitto"], " msg/s"),
+         f"edgehose = {f['ratio_qos1_vs_mosquitto']:.2f}x (>= 3x)"),
+        ("  lost (sent - committed, worst run)", f"{f['qos1_lost']:.0f}", "0"),
+        ("sustained ingest, QoS 0", fmt(f["ingest_qos0_edgehose"], " msg/s"), ">= 400,000"),
+        ("  rumqttd relay, QoS 0", fmt(f["ingest_qos0_rumqttd"], " msg/s"), ""),
+        ("  mosquitto relay, QoS 0", fmt(f["ingest_qos0_mosquitto"], " msg/s"), ""),
+        ("  lost (sent - committed, worst run)", f"{f['qos0_lost']:.0f}", "0"),
+        (f"publish -> committed at {fmt(f['half_rate_msg_s'])} msg/s: p50",
+         fmt(f["latency_committed_half_rate_p50_ms"], " ms", 1), ""),
+        ("  p99", fmt(f["latency_committed_half_rate_p99_ms"], " ms", 1), "<= 20 ms"),
+        ("  max", fmt(f["latency_committed_half_rate_max_ms"], " ms", 1), ""),
+        ("publish -> delivered, file, 1 s interval: p50", fmt(f["latency_delivered_p50_ms"], " ms"), ""),
+        ("  p99", fmt(f["latency_delivered_p99_ms"], " ms"), "<= 1,100 ms"),
+        ("peak RSS at 10,000 msg/s", fmt(f["rss_10k_mib"], " MiB", 1), "<= 32 MiB"),
+        ("  RSS every 5 s (first run)", " ".join(str(x) for x in f["rss_10k_samples_mib"]), "flat"),
+        ("peak RSS at max rate", fmt(f["rss_at_max_rate_mib"], " MiB", 1), ""),
+        ("CPU per message at 10,000 msg/s", fmt(f["cpu_s_per_million_10k"], " s/million", 2), "report"),
+        ("CPU per message at max rate", fmt(f["cpu_s_per_million_at_max_rate"], " s/million", 2), "report"),
+        ("bytes written per payload byte at 10,000 msg/s", fmt(f["written_per_payload_byte_10k"], "", 2),
+         "<= 2.5"),
+        (f"start-up with {f['backlog_records']:,} records: to ready", fmt(f["backlog_ready_s"], " s", 3),
+         "<= 1 s"),
+        ("  to first delivery", fmt(f["backlog_first_delivery_s"], " s", 3), ""),
+        ("backlog drain to `file`", fmt(f["backlog_drain_rate"], " rec/s"), ">= 500,000"),
+        (f"{f['devices']:,} devices at 1 msg/s: peak RSS", fmt(f["devices_rss_mib"], " MiB", 1), "report"),
+        ("  daemon CPU over the run", fmt(f["devices_cpu_s"], " s", 1),
+         f"{f['devices_acknowledged']:,} acked (worst run)"),
+        ("stripped binary size", ", ".join(f"{k} {v} MiB" for k, v in f["stripped_binary_mib"].items()),
+         "<= 10 MiB aarch64"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    v = max(len(r[1]) for r in rows)
+    for name, value, target in rows:
+        print(f"{name:<{w}}  {value:<{v}}  {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The benchmark command: builds the release binaries (edgehose, firmware-sim, and the baseline
+# relays rumqttd-relay and null-sub), makes sure Debian's mosquitto is there, and runs
+# tests/bench/bench.py, which prints every figure of BENCHMARKS.md's main table with the
+# rumqttd and mosquitto baselines measured in the same run.
+#   tests/bench/bench.sh [--runs 3] [--json] [--quick]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    if [ "$(id -u)" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+    else
+        echo "missing: sudo apt-get install mosquitto" >&2
+        exit 1
+    fi
+fi
+cargo build --locked --release -j2 -p edgehose -p firmware-sim -p edgehose-tests --bins >&2
+exec python3 tests/bench/bench.py "$@"
