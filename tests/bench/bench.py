@@ -346,13 +346,15 @@ def many_devices(devices, seconds):
 def stripped_size(path):
     if not os.path.exists(path):
         return None
-    with tempfile.NamedTemporaryFile() as t:
-        strip = "strip"
-        if "aarch64" in path and shutil.which("aarch64-linux-gnu-strip"):
-            strip = "aarch64-linux-gnu-strip"
-        if subprocess.run([strip, "-o", t.name, path], capture_output=True).returncode != 0:
+    strip = "strip"
+    for arch, tool in (("aarch64", "aarch64-linux-gnu-strip"), ("armv7", "arm-linux-gnueabihf-strip")):
+        if arch in path and shutil.which(tool):
+            strip = tool
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "stripped")
+        if subprocess.run([strip, "-o", out, path], capture_output=True).returncode != 0:
             return os.path.getsize(path)
-        return os.path.getsize(t.name)
+        return os.path.getsize(out)
 
 
 def summary(values):
@@ -425,33 +427,35 @@ def main():
     for k in ("p50", "p99", "max"):
         fig[f"latency_committed_half_rate_{k}_ms"] = summary([x[k] for x in lat])
     fig["half_rate_msg_s"] = summary([x["rate"] for x in lat])
-    log(f"latency at {half:,.0f} msg/s: p99 {fig['latency_committed_half_rate_p99_ms']}")
+    log(f"latency at {half:,.0f} msg/s: p99 {fmt(fig['latency_committed_half_rate_p99_ms'], ' ms', 1)}")
 
     dl = [delivered_latency(2000 if q else 10000, 3 if q else 20) for _ in range(runs)]
     for k in ("p50", "p99", "max"):
         fig[f"latency_delivered_{k}_ms"] = summary([x[k] for x in dl])
-    log(f"publish -> delivered (1 s interval): p99 {fig['latency_delivered_p99_ms']}")
+    log(f"publish -> delivered (1 s interval): p99 {fmt(fig['latency_delivered_p99_ms'], ' ms')}")
 
     st = [steady(2000 if q else 10000, 5 if q else 60) for _ in range(runs)]
     fig["rss_10k_mib"] = summary([x["hwm_kib"] / 1024 for x in st])
     fig["rss_10k_samples_mib"] = [round(s / 1024, 1) for s in st[0]["rss_samples_kib"]]
     fig["cpu_s_per_million_10k"] = summary([x["cpu_s_per_million"] for x in st])
     fig["written_per_payload_byte_10k"] = summary([x["written_per_payload_byte"] for x in st])
-    log(f"10k msg/s: RSS {fig['rss_10k_mib']}, written/payload {fig['written_per_payload_byte_10k']}")
+    log(f"10k msg/s: RSS {fmt(fig['rss_10k_mib'], ' MiB', 1)}, "
+        f"written/payload {fmt(fig['written_per_payload_byte_10k'], '', 2)}")
 
     bl = [backlog(20_000 if q else 1_000_000) for _ in range(runs)]
     fig["backlog_records"] = 20_000 if q else 1_000_000
     fig["backlog_ready_s"] = summary([x["ready_s"] for x in bl])
     fig["backlog_first_delivery_s"] = summary([x["first_delivery_s"] for x in bl])
     fig["backlog_drain_rate"] = summary([x["drain_rate"] for x in bl])
-    log(f"backlog: ready {fig['backlog_ready_s']}, drain {fig['backlog_drain_rate']}")
+    log(f"backlog: ready {fmt(fig['backlog_ready_s'], ' s', 3)}, "
+        f"drain {fmt(fig['backlog_drain_rate'], ' rec/s')}")
 
     md = [many_devices(200 if q else 10_000, 3 if q else 20) for _ in range(runs)]
     fig["devices"] = 200 if q else 10_000
     fig["devices_rss_mib"] = summary([x["hwm_kib"] / 1024 for x in md])
     fig["devices_cpu_s"] = summary([x["cpu_s"] for x in md])
     fig["devices_acknowledged"] = min(x["acknowledged"] for x in md)
-    log(f"{fig['devices']} devices: RSS {fig['devices_rss_mib']}")
+    log(f"{fig['devices']} devices: RSS {fmt(fig['devices_rss_mib'], ' MiB', 1)}")
 
     sizes = {}
     for name, path in [
