@@ -61,5 +61,8 @@ echo "== the systemd unit"
 tests/systemd-unit.sh
 echo "== the Debian package"
 tests/package.sh
+echo "== the benchmark harness, quick mode (every figure once, tiny loads; speed not judged)"
+tests/bench/bench.sh --quick > target/bench-quick.txt
+tail -n 30 target/bench-quick.txt
 echo "== cargo test"
 cargo test --locked -j2 --workspace

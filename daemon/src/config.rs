@@ -149,6 +149,7 @@ struct RawBuffer {
     #[serde(default, with = "humantime_serde")]
     commit_interval: Option<Duration>,
     commit_max_records: Option<usize>,
+    commit_linger_records: Option<usize>,
     synchronous: Option<String>,
 }
 
@@ -303,6 +304,10 @@ pub struct BufferConfig {
     pub when_full: WhenFull,
     pub commit_interval: Duration,
     pub commit_max_records: usize,
+    /// A group smaller than this waits up to `commit_interval` for more records; a bigger one
+    /// commits as soon as nothing more is waiting. Larger means fewer, bigger commits at light
+    /// load (less written to the disk) and longer acknowledgement latency.
+    pub commit_linger_records: usize,
     pub synchronous: Synchronous,
 }
 
@@ -836,6 +841,13 @@ impl RawBuffer {
                 "must be at least 1",
             ));
         }
+        let commit_linger_records = self.commit_linger_records.unwrap_or(64);
+        if !(1..=commit_max_records).contains(&commit_linger_records) {
+            return Err(ConfigError::new(
+                "buffer.commit_linger_records",
+                format!("must be between 1 and commit_max_records ({commit_max_records})"),
+            ));
+        }
         let synchronous = one_of(
             "buffer.synchronous",
             self.synchronous.as_deref(),
@@ -850,6 +862,7 @@ impl RawBuffer {
             when_full,
             commit_interval,
             commit_max_records,
+            commit_linger_records,
             synchronous,
         })
     }

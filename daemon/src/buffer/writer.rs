@@ -21,9 +21,6 @@ use crate::routing::Reject;
 pub const INGEST_CHANNEL_CAPACITY: usize = 8192;
 /// Capacity of the destinations -> writer channel (each destination has one request in flight).
 pub const CONTROL_CHANNEL_CAPACITY: usize = 64;
-/// A group with fewer records than this waits (up to `buffer.commit_interval`) for more before
-/// committing; a bigger one commits as soon as no more are waiting.
-const LINGER_BELOW: usize = 64;
 /// Room kept under `buffer.max_size` for the pages a B-tree split may add beyond the estimate.
 const PAGE_SLACK: u64 = 2 * 4096;
 /// A segment takes at most this many records...
@@ -309,7 +306,11 @@ impl Writer {
                     // Nothing waiting. A group big enough already is committed now; a small
                     // one lingers until the deadline, so light traffic still gets few commits
                     // (few page rewrites on an SD card).
-                    Err(mpsc::error::TryRecvError::Empty) if count >= LINGER_BELOW => break,
+                    Err(mpsc::error::TryRecvError::Empty)
+                        if count >= self.config.commit_linger_records =>
+                    {
+                        break
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => {
                         match tokio::time::timeout_at(deadline, ingest.recv()).await {
                             Ok(Some(env)) => env,

@@ -4,9 +4,9 @@
 //!
 //!   rumqttd-relay PORT EXPECTED [IDLE_SECS=5]
 //!
-//! Exits once EXPECTED messages reached the subscriber (or after IDLE_SECS without one) and
-//! prints {"received", "first_ms", "last_ms"} (epoch ms) on stdout. "ready" on stderr means
-//! the listener is up.
+//! Once EXPECTED messages reached the subscriber (or after IDLE_SECS without one) it prints
+//! {"received", "first_ms", "last_ms"} (epoch ms) on stdout and keeps serving until killed.
+//! "ready" on stderr means the listener is up.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
             connections: ConnectionSettings {
                 connection_timeout_ms: 10_000,
                 max_payload_size: 1024 * 1024,
-                max_inflight_count: 100,
+                max_inflight_count: 1000,
                 auth: None,
                 external_auth: None,
                 dynamic_filters: true,
@@ -67,7 +67,11 @@ async fn main() -> anyhow::Result<()> {
     let mut broker = Broker::new(config);
     let (mut tx, mut rx) = broker.link("null-subscriber")?;
     tx.subscribe("#")?;
-    std::thread::spawn(move || broker.start());
+    std::thread::spawn(move || {
+        if let Err(e) = broker.start() {
+            eprintln!("rumqttd stopped: {e}");
+        }
+    });
     eprintln!("ready");
     let (mut received, mut first, mut last) = (0u64, 0u128, 0u128);
     while received < expected {
@@ -88,8 +92,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("{{\"received\":{received},\"first_ms\":{first},\"last_ms\":{last}}}");
+    // Keep serving: the last publishers still wait for their PUBACKs and disconnect cleanly.
+    // The caller kills the relay once its load generator has finished.
+    use std::io::Write;
+    std::io::stdout().flush()?;
     drop(tx);
-    std::process::exit(0)
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
 }
 
 trait ContextArg<'a> {
@@ -98,6 +108,8 @@ trait ContextArg<'a> {
 
 impl<'a> ContextArg<'a> for Option<&'a String> {
     fn context_arg(self, name: &str) -> anyhow::Result<&'a String> {
-        self.ok_or_else(|| anyhow::anyhow!("usage: rumqttd-relay PORT EXPECTED [IDLE_SECS]; missing {name}"))
+        self.ok_or_else(|| {
+            anyhow::anyhow!("usage: rumqttd-relay PORT EXPECTED [IDLE_SECS]; missing {name}")
+        })
     }
 }
