@@ -36,6 +36,20 @@ impl Notify {
     }
 }
 
+/// A gateway started as systemd would with `Type=notify` and `WatchdogSec=400ms`.
+fn under_systemd(dir: &std::path::Path) -> (Notify, Gateway) {
+    let notify = Notify::new(dir);
+    let setup = Setup {
+        env: vec![
+            ("NOTIFY_SOCKET", notify.path.display().to_string()),
+            ("WATCHDOG_USEC", "400000".to_string()),
+        ],
+        ..Setup::default()
+    };
+    let gw = Gateway::start(dir, &setup).unwrap();
+    (notify, gw)
+}
+
 fn signal(gw: &Gateway, sig: &str) {
     let status = std::process::Command::new("kill")
         .args([sig, &gw.pid().to_string()])
@@ -47,15 +61,7 @@ fn signal(gw: &Gateway, sig: &str) {
 #[test]
 fn sd_notify_ready_watchdog_reloading_stopping_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let notify = Notify::new(dir.path());
-    let setup = Setup {
-        env: vec![
-            ("NOTIFY_SOCKET", notify.path.display().to_string()),
-            ("WATCHDOG_USEC", "400000".to_string()),
-        ],
-        ..Setup::default()
-    };
-    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let (notify, mut gw) = under_systemd(dir.path());
     let first = notify.drain(Duration::from_millis(1500));
     assert!(
         first[0].lines().any(|l| l == "READY=1"),
@@ -88,15 +94,7 @@ fn sd_notify_ready_watchdog_reloading_stopping_in_order() {
 #[test]
 fn no_watchdog_pings_while_the_buffer_writer_is_stuck() {
     let dir = tempfile::tempdir().unwrap();
-    let notify = Notify::new(dir.path());
-    let setup = Setup {
-        env: vec![
-            ("NOTIFY_SOCKET", notify.path.display().to_string()),
-            ("WATCHDOG_USEC", "400000".to_string()),
-        ],
-        ..Setup::default()
-    };
-    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let (notify, mut gw) = under_systemd(dir.path());
     notify.drain(Duration::from_millis(500));
     // Another process holds SQLite's write lock: the writer's next commit waits on it.
     let lock = rusqlite::Connection::open(gw.db_path()).unwrap();

@@ -226,12 +226,29 @@ pub fn assemble(
     let mut by_partition: HashMap<Vec<String>, usize> = HashMap::new();
     let mut error_part: Option<usize> = None;
     let mut io_error = None;
-    let path_for = |n: usize| -> PathBuf {
-        if n == 0 && !partitioned {
+    // Opens the next part file: `base` itself for a batch of one object.
+    let open_part = |open: &mut Vec<Open>,
+                     partition: Vec<String>,
+                     error: bool,
+                     arrival_ms: i64|
+     -> io::Result<usize> {
+        let n = open.len();
+        let path = if n == 0 && !partitioned {
             base.to_path_buf()
         } else {
             base.with_extension(format!("{n}.part"))
-        }
+        };
+        open.push(Open {
+            body: Body::new(&path, stream_compression, buffer)?,
+            part: Part {
+                path,
+                partition,
+                error,
+                records: 0,
+                oldest_arrival_ms: arrival_ms,
+            },
+        });
+        Ok(n)
     };
     store::scan(
         conn,
@@ -272,18 +289,7 @@ pub fn assemble(
                         let index = match by_partition.get(&p) {
                             Some(&i) => i,
                             None => {
-                                let n = open.len();
-                                let path = path_for(n);
-                                open.push(Open {
-                                    body: Body::new(&path, stream_compression, buffer)?,
-                                    part: Part {
-                                        path,
-                                        partition: p.clone(),
-                                        error: false,
-                                        records: 0,
-                                        oldest_arrival_ms: row.arrival_ms,
-                                    },
-                                });
+                                let n = open_part(&mut open, p.clone(), false, row.arrival_ms)?;
                                 by_partition.insert(p, n);
                                 n
                             }
@@ -298,18 +304,7 @@ pub fn assemble(
                         let index = match error_part {
                             Some(i) => i,
                             None => {
-                                let n = open.len();
-                                let path = path_for(n);
-                                open.push(Open {
-                                    body: Body::new(&path, stream_compression, buffer)?,
-                                    part: Part {
-                                        path,
-                                        partition: Vec::new(),
-                                        error: true,
-                                        records: 0,
-                                        oldest_arrival_ms: row.arrival_ms,
-                                    },
-                                });
+                                let n = open_part(&mut open, Vec::new(), true, row.arrival_ms)?;
                                 error_part = Some(n);
                                 n
                             }

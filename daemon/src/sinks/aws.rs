@@ -45,6 +45,16 @@ pub fn custom_endpoint(aws: &AwsConfig, service_env: &str) -> bool {
         || std::env::var_os("AWS_ENDPOINT_URL").is_some()
 }
 
+/// Where requests go, for logs: the configured endpoint, else the service's environment
+/// variable, else the SDK's general endpoint, else AWS itself.
+pub fn endpoint_label(aws: &AwsConfig, service_env: &str, sdk: &SdkConfig) -> String {
+    aws.endpoint
+        .clone()
+        .or_else(|| std::env::var(service_env).ok())
+        .or_else(|| sdk.endpoint_url().map(str::to_string))
+        .unwrap_or_else(|| "AWS".into())
+}
+
 /// A one-line account of an SDK error: the service's code and message, or what went wrong on
 /// the way (no region, no credentials, unreachable endpoint, timeout). Never credentials.
 pub fn describe<E, R>(op: &str, err: &SdkError<E, R>) -> String

@@ -22,7 +22,7 @@ use aws_sdk_kinesis::Client;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use super::aws::{describe, sdk_config};
+use super::aws::{describe, endpoint_label, sdk_config};
 use super::kpl::{self, Aggregator};
 use crate::config::{KinesisConfig, Ordering, KINESIS_MAX_RECORD};
 use crate::metrics as m;
@@ -120,13 +120,7 @@ impl KinesisSink {
         if let Some(e) = &config.aws.endpoint {
             builder = builder.endpoint_url(e);
         }
-        let endpoint = config
-            .aws
-            .endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL_KINESIS").ok())
-            .or_else(|| sdk.endpoint_url().map(str::to_string))
-            .unwrap_or_else(|| "AWS".into());
+        let endpoint = endpoint_label(&config.aws, "AWS_ENDPOINT_URL_KINESIS", &sdk);
         Self {
             client: Client::from_conf(builder.build()),
             config: config.clone(),

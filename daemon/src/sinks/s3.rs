@@ -8,7 +8,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 
-use super::aws::{custom_endpoint, describe, sdk_config};
+use super::aws::{custom_endpoint, describe, endpoint_label, sdk_config};
 use super::SinkError;
 use crate::config::{Compression, S3Config};
 
@@ -37,13 +37,7 @@ impl S3Sink {
         if let Some(e) = &config.aws.endpoint {
             builder = builder.endpoint_url(e);
         }
-        let endpoint = config
-            .aws
-            .endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
-            .or_else(|| sdk.endpoint_url().map(str::to_string))
-            .unwrap_or_else(|| "AWS".into());
+        let endpoint = endpoint_label(&config.aws, "AWS_ENDPOINT_URL_S3", &sdk);
         Self {
             client: Client::from_conf(builder.build()),
             bucket: config.bucket.clone(),
