@@ -5,13 +5,13 @@ use std::fmt;
 
 use crate::routing::Reject;
 
-/// One row-to-be of the buffer: a message as routed to one stream.
+/// One row-to-be of the buffer: a message as routed to one stream. The topic and the client id
+/// have done their work by now (routing, the partition key) and are not stored: no destination
+/// reads them, and every stored byte is written twice on an SD card (WAL and checkpoint).
 #[derive(Debug, Clone)]
 pub struct NewRecord {
     pub stream: usize,
     pub arrival_ms: i64,
-    pub topic: String,
-    pub client_id: Option<String>,
     pub partition_key: String,
     pub payload: Vec<u8>,
 }
@@ -19,12 +19,7 @@ pub struct NewRecord {
 impl NewRecord {
     /// Bytes this record counts against `buffer.max_size`: its data plus a fixed per-row cost.
     pub fn accounted_bytes(&self) -> u64 {
-        accounted_bytes(
-            self.payload.len(),
-            self.topic.len()
-                + self.partition_key.len()
-                + self.client_id.as_ref().map_or(0, |c| c.len()),
-        )
+        accounted_bytes(self.payload.len(), self.partition_key.len())
     }
 }
 

@@ -129,8 +129,6 @@ mod tests {
         NewRecord {
             stream,
             arrival_ms: n as i64,
-            topic: "a/x".into(),
-            client_id: None,
             partition_key: "x".into(),
             payload: vec![b'x'; size],
         }
@@ -163,6 +161,43 @@ mod tests {
         drop(b.ingest);
         drop(b.control);
         b.writer.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_buffer_of_the_first_format_is_read_to_its_end_and_appended_in_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "");
+        {
+            // What an earlier version left: a segment with topic and client id columns.
+            let conn = store::open_writer(&cfg.buffer.path, cfg.buffer.synchronous).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE seg_1 (id INTEGER PRIMARY KEY, stream INTEGER NOT NULL,
+                   arrival_ms INTEGER NOT NULL, topic TEXT NOT NULL, client_id TEXT,
+                   partition_key TEXT NOT NULL, payload BLOB NOT NULL);
+                 INSERT INTO segments VALUES (1, 1, 0, 0);
+                 INSERT INTO streams(id, name) VALUES (1, 'a');
+                 INSERT INTO seg_1 VALUES (1, 1, 5, 'a/x', NULL, 'k', x'6f6c64');",
+            )
+            .unwrap();
+        }
+        let b = open(&cfg).unwrap();
+        let log: Log = Default::default();
+        b.ingest
+            .send(envelope(&log, 0, Ok(vec![record(0, 0, 3)])))
+            .await
+            .unwrap();
+        let mut committed = b.committed.clone();
+        committed.wait_for(|c| c.last_id == 2).await.unwrap();
+        close(b);
+        let reader = store::open_reader(&cfg.buffer.path).unwrap();
+        let mut seen = Vec::new();
+        store::scan(&reader, &[1], 0, None, |row| {
+            seen.push((row.id, row.payload.to_vec()));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(seen, [(1, b"old".to_vec()), (2, b"xxx".to_vec())]);
+        assert!(!store::is_first_format(&reader, 2).unwrap());
     }
 
     #[tokio::test]

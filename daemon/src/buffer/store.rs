@@ -251,8 +251,6 @@ pub fn create_segment(conn: &Connection, seq: i64, first_id: i64) -> rusqlite::R
             id            INTEGER PRIMARY KEY,
             stream        INTEGER NOT NULL,
             arrival_ms    INTEGER NOT NULL,
-            topic         TEXT    NOT NULL,
-            client_id     TEXT,
             partition_key TEXT    NOT NULL,
             payload       BLOB    NOT NULL
         )",
@@ -268,6 +266,19 @@ pub fn create_segment(conn: &Connection, seq: i64, first_id: i64) -> rusqlite::R
         last_id: first_id - 1,
         records: 0,
     })
+}
+
+/// Whether a segment table has the columns of the first format (topic, client id), which new
+/// records no longer carry: such a segment is read to its end but not appended to.
+pub fn is_first_format(conn: &Connection, seq: i64) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", table(seq)))?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+    for name in names {
+        if name? == "topic" {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub fn update_segment(conn: &Connection, s: &Segment) -> rusqlite::Result<()> {
@@ -431,10 +442,7 @@ mod tests {
             let mut seg = create_segment(&conn, seq, id).unwrap();
             for _ in 0..4 {
                 conn.execute(
-                    &format!(
-                        "INSERT INTO {} VALUES (?1, ?2, ?3, 't', NULL, 'k', ?4)",
-                        seg.table()
-                    ),
+                    &format!("INSERT INTO {} VALUES (?1, ?2, ?3, 'k', ?4)", seg.table()),
                     params![id, id % 2, id * 10, id.to_string().into_bytes()],
                 )
                 .unwrap();
@@ -465,11 +473,8 @@ mod tests {
 
         // Rows added to the active segment after its row was last written are still found,
         // and segments_exact reads its real extent.
-        conn.execute(
-            "INSERT INTO seg_3 VALUES (13, 0, 130, 't', NULL, 'k', x'31')",
-            [],
-        )
-        .unwrap();
+        conn.execute("INSERT INTO seg_3 VALUES (13, 0, 130, 'k', x'31')", [])
+            .unwrap();
         assert_eq!(pending(&conn, &[0, 1], 12).unwrap().0, 1);
         let exact = segments_exact(&conn).unwrap();
         assert_eq!((exact[1].last_id, exact[1].records), (13, 5));

@@ -122,6 +122,11 @@ impl Writer {
             active_bytes: 0,
             committed,
         };
+        // A buffer written by an earlier version: new records go to a segment of this format.
+        let active = w.segments.back().map(|s| s.seq).unwrap_or(1);
+        if store::is_first_format(&w.conn, active)? {
+            w.execute_in_transaction(|w| w.rotate())?;
+        }
         // What every destination already has may be dropped now.
         w.execute_in_transaction(|w| w.drop_delivered_segments())?;
         w.publish_usage();
@@ -428,8 +433,6 @@ impl Writer {
                     id,
                     self.stream_ids[r.stream],
                     r.arrival_ms,
-                    r.topic,
-                    r.client_id,
                     r.partition_key,
                     r.payload
                 ])?;
@@ -559,8 +562,8 @@ struct Group {
 
 fn insert_sql(segment: &Segment) -> String {
     format!(
-        "INSERT INTO {}(id, stream, arrival_ms, topic, client_id, partition_key, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO {}(id, stream, arrival_ms, partition_key, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
         segment.table()
     )
 }

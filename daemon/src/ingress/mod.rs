@@ -36,8 +36,6 @@ pub fn admit(
                 .map(|r| NewRecord {
                     stream: r.stream,
                     arrival_ms,
-                    topic: topic.to_string(),
-                    client_id: client_id.map(str::to_string),
                     partition_key: r.partition_key,
                     payload: payload.to_vec(),
                 })
