@@ -13,7 +13,8 @@ pub struct NewRecord {
     pub stream: usize,
     pub arrival_ms: i64,
     pub partition_key: String,
-    pub payload: Vec<u8>,
+    /// Shares the connection's read buffer where the codec allowed it (no copy per message).
+    pub payload: bytes::Bytes,
 }
 
 impl NewRecord {

@@ -130,7 +130,7 @@ mod tests {
             stream,
             arrival_ms: n as i64,
             partition_key: "x".into(),
-            payload: vec![b'x'; size],
+            payload: vec![b'x'; size].into(),
         }
     }
 

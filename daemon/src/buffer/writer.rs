@@ -434,7 +434,7 @@ impl Writer {
                     self.stream_ids[r.stream],
                     r.arrival_ms,
                     r.partition_key,
-                    r.payload
+                    &r.payload[..]
                 ])?;
             let active = self.active();
             active.last_id = id;

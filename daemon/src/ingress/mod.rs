@@ -21,7 +21,7 @@ use crate::routing::Router;
 pub fn admit(
     router: &Router,
     topic: &[u8],
-    payload: &[u8],
+    payload: &bytes::Bytes,
     client_id: Option<&str>,
     ack: Ack,
 ) -> Envelope {
@@ -37,7 +37,7 @@ pub fn admit(
                     stream: r.stream,
                     arrival_ms,
                     partition_key: r.partition_key,
-                    payload: payload.to_vec(),
+                    payload: payload.clone(),
                 })
                 .collect())
         });
