@@ -28,6 +28,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Milliseconds since the Unix epoch (the baseline relays report arrival times in them).
+pub fn epoch_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// The baseline relays' summary line: how many messages reached the subscriber, and when the
+/// first and the last did (epoch ms).
+pub fn relay_summary(received: u64, first: u128, last: u128) -> String {
+    format!("{{\"received\":{received},\"first_ms\":{first},\"last_ms\":{last}}}")
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

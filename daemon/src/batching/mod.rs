@@ -10,7 +10,7 @@
 pub mod keys;
 pub mod object;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -413,7 +413,7 @@ impl Destination {
         let name = self.config.name.clone();
         let outcome = sink.deliver(records, &name).await;
         if !outcome.rejected.is_empty() {
-            self.write_errors(&outcome.rejected)?;
+            self.write_errors(&outcome.rejected).await?;
         }
         self.delivered(last_id).await?;
         metrics::counter!(m::DELIVERED_RECORDS, "destination" => name.clone()).increment(n);
@@ -433,7 +433,10 @@ impl Destination {
 
     /// Writes records a Kinesis stream can never take to the destination's local error output,
     /// in Firehose's error-record shape, and counts them.
-    fn write_errors(&self, rejected: &[(Rec, &'static str, String)]) -> Result<(), FlushError> {
+    async fn write_errors(
+        &self,
+        rejected: &[(Rec, &'static str, String)],
+    ) -> Result<(), FlushError> {
         let crate::config::SinkConfig::Kinesis(k) = &self.config.sink else {
             return Ok(());
         };
@@ -461,15 +464,15 @@ impl Destination {
                 oldest_arrival_ms: first.arrival_ms,
             })
             .unwrap_or_else(|| Ok(format!("processing-failed/{}", first.id)))?;
+        // Staged and fsynced here; the `file` sink renames it into place like any object.
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&staged)?;
             std::io::Write::write_all(&mut f, &body)?;
-            f.sync_all()?;
-            let target = k.error_output_root.join(&self.config.name).join(&key);
-            std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
-            std::fs::rename(&staged, &target)
+            f.sync_all()
         };
-        write().map_err(|e| FlushError::Assemble(object::AssembleError::Io(e)))
+        write().map_err(object::AssembleError::Io)?;
+        sink.put(&staged, &key).await?;
+        Ok(())
     }
 
     async fn delivered(&mut self, last_id: i64) -> Result<(), BufferError> {

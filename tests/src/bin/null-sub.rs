@@ -6,16 +6,9 @@
 //! Prints "ready" on stderr once subscribed; exits once EXPECTED messages arrived (or after
 //! IDLE_SECS without one) and prints {"received", "first_ms", "last_ms"} (epoch ms) on stdout.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -35,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => eprintln!("ready"),
             Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
                 received += 1;
-                last = now_ms();
+                last = edgehose_tests::epoch_ms();
                 if first == 0 {
                     first = last;
                 }
@@ -45,6 +38,6 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => break,
         }
     }
-    println!("{{\"received\":{received},\"first_ms\":{first},\"last_ms\":{last}}}");
+    println!("{}", edgehose_tests::relay_summary(received, first, last));
     Ok(())
 }

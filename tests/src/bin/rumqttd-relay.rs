@@ -9,22 +9,16 @@
 //! "ready" on stderr means the listener is up.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttd::{Broker, ConnectionSettings, Notification, RouterConfig, ServerSettings};
-
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let port: u16 = args.get(1).context_arg("PORT")?.parse()?;
-    let expected: u64 = args.get(2).context_arg("EXPECTED")?.parse()?;
+    let usage = || anyhow::anyhow!("usage: rumqttd-relay PORT EXPECTED [IDLE_SECS]");
+    let port: u16 = args.get(1).ok_or_else(usage)?.parse()?;
+    let expected: u64 = args.get(2).ok_or_else(usage)?.parse()?;
     let idle = Duration::from_secs(args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(5));
     let mut v4 = HashMap::new();
     v4.insert(
@@ -78,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         match tokio::time::timeout(idle, rx.next()).await {
             Ok(Ok(Some(Notification::Forward(_)))) => {
                 received += 1;
-                last = now_ms();
+                last = edgehose_tests::epoch_ms();
                 if first == 0 {
                     first = last;
                 }
@@ -91,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => break,
         }
     }
-    println!("{{\"received\":{received},\"first_ms\":{first},\"last_ms\":{last}}}");
+    println!("{}", edgehose_tests::relay_summary(received, first, last));
     // Keep serving: the last publishers still wait for their PUBACKs and disconnect cleanly.
     // The caller kills the relay once its load generator has finished.
     use std::io::Write;
@@ -99,17 +93,5 @@ async fn main() -> anyhow::Result<()> {
     drop(tx);
     loop {
         tokio::time::sleep(Duration::from_secs(3600)).await;
-    }
-}
-
-trait ContextArg<'a> {
-    fn context_arg(self, name: &str) -> anyhow::Result<&'a String>;
-}
-
-impl<'a> ContextArg<'a> for Option<&'a String> {
-    fn context_arg(self, name: &str) -> anyhow::Result<&'a String> {
-        self.ok_or_else(|| {
-            anyhow::anyhow!("usage: rumqttd-relay PORT EXPECTED [IDLE_SECS]; missing {name}")
-        })
     }
 }
