@@ -542,51 +542,37 @@ pub fn telemetry(device: &str, seq: u64) -> Vec<u8> {
     format!(r#"{{"device":"{device}","seq":{seq},"temperature_c":21.5}}"#).into_bytes()
 }
 
-/// Payloads of the records held in a (stopped) gateway's buffer file, in id order.
+/// Payloads of the records held in a (stopped) gateway's buffer file, in id order (read with
+/// the daemon's own reader: segments hold compressed blocks).
 pub fn buffered_payloads(db: &Path) -> Vec<Vec<u8>> {
-    let conn = rusqlite::Connection::open(db).expect("open the buffer file");
-    let mut stmt = conn
-        .prepare("SELECT seq FROM segments ORDER BY seq")
-        .expect("list segments");
-    let segments: Vec<i64> = stmt
-        .query_map([], |r| r.get(0))
-        .and_then(|rows| rows.collect())
-        .expect("list segments");
+    use edgehose::buffer::store;
+    let conn = store::open_reader(db).expect("open the buffer file");
+    let streams: Vec<i64> = conn
+        .prepare("SELECT id FROM streams")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("list streams");
     let mut out = Vec::new();
-    for seq in segments {
-        let mut stmt = conn
-            .prepare(&format!("SELECT payload FROM seg_{seq} ORDER BY id"))
-            .expect("read a segment");
-        let rows = stmt
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .expect("read a segment");
-        out.extend(rows);
-    }
+    store::scan(&conn, &streams, 0, None, |row| {
+        out.push(row.payload.to_vec());
+        std::ops::ControlFlow::Continue(())
+    })
+    .expect("read the buffer");
     out
 }
 
 /// (delivered id of the first destination, last record id, number of segments) of a stopped
 /// gateway's buffer file.
 pub fn delivery_position(db: &Path) -> (i64, i64, i64) {
-    let conn = rusqlite::Connection::open(db).expect("open the buffer file");
-    let (delivered, active, first, segments): (i64, i64, i64, i64) = conn
-        .query_row(
-            "SELECT (SELECT min(delivered_id) FROM destinations),
-                    (SELECT max(seq) FROM segments),
-                    (SELECT first_id FROM segments ORDER BY seq DESC LIMIT 1),
-                    (SELECT count(*) FROM segments)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .expect("read the delivery position");
-    // The active segment's row is written when it closes: read its last id from its table.
-    let last: Option<i64> = conn
-        .query_row(&format!("SELECT max(id) FROM seg_{active}"), [], |r| {
+    use edgehose::buffer::store;
+    let conn = store::open_reader(db).expect("open the buffer file");
+    let delivered: i64 = conn
+        .query_row("SELECT min(delivered_id) FROM destinations", [], |r| {
             r.get(0)
         })
-        .expect("read the active segment");
-    (delivered, last.unwrap_or(first - 1), segments)
+        .expect("read the delivery position");
+    let segments = store::segments_exact(&conn).expect("list segments");
+    let last = segments.last().map_or(0, |s| s.last_id);
+    (delivered, last, segments.len() as i64)
 }
 
 /// Records held in a (stopped) gateway's buffer file.

@@ -179,18 +179,18 @@ fn full_buffer_setup(when_full: &'static str) -> Setup {
 fn reject_new_refuses_what_does_not_fit_and_keeps_what_was_committed() {
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::start(dir.path(), &full_buffer_setup("reject_new")).unwrap();
-    // 8,000 x ~300 accounted bytes = ~2.4MB against a 1MiB bound.
-    let s = run_sim(gw.mqtt_port, &["-n", "4", "-m", "2000", "--rate", "0"]).unwrap();
-    assert_eq!(s["acknowledged"], 8000);
+    // 32,000 x ~300 bytes, ~3x smaller compressed in the buffer, = ~3MB against a 1MiB bound.
+    let s = run_sim(gw.mqtt_port, &["-n", "4", "-m", "8000", "--rate", "0"]).unwrap();
+    assert_eq!(s["acknowledged"], 32_000);
     wait_until(Duration::from_secs(10), "all messages counted", || {
-        gw.metric("edgehose_messages_received_total") >= 8000.0
+        gw.metric("edgehose_messages_received_total") >= 32_000.0
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let rejected = gw.metric("edgehose_messages_rejected_total{reason=\"buffer_full\"}");
     let committed = gw.metric("edgehose_records_committed_total");
     assert!(rejected > 0.0, "nothing was rejected");
-    assert_eq!(rejected + committed, 8000.0);
+    assert_eq!(rejected + committed, 32_000.0);
     assert!(gw.metric("edgehose_buffer_bytes") <= 1024.0 * 1024.0);
     // An MQTT 5 device is told why (reason code 0x97, Quota exceeded).
     let out = Command::new("mosquitto_pub")
@@ -230,22 +230,22 @@ fn reject_new_refuses_what_does_not_fit_and_keeps_what_was_committed() {
 fn drop_oldest_keeps_the_newest_and_counts_what_it_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::start(dir.path(), &full_buffer_setup("drop_oldest")).unwrap();
-    let s = run_sim(gw.mqtt_port, &["-n", "1", "-m", "8000", "--rate", "0"]).unwrap();
-    assert_eq!(s["acknowledged"], 8000);
+    let s = run_sim(gw.mqtt_port, &["-n", "1", "-m", "32000", "--rate", "0"]).unwrap();
+    assert_eq!(s["acknowledged"], 32_000);
     wait_until(Duration::from_secs(10), "all messages committed", || {
-        gw.metric("edgehose_records_committed_total") >= 8000.0
+        gw.metric("edgehose_records_committed_total") >= 32_000.0
     })
     .unwrap();
     let dropped = gw.metric("edgehose_buffer_dropped_total");
     assert!(dropped > 0.0, "nothing was dropped");
     assert!(gw.terminate().unwrap().success());
     let seqs = device_seqs(&read_objects(&gw.bucket_dir()).unwrap());
-    assert_eq!(seqs.len() as f64, 8000.0 - dropped);
+    assert_eq!(seqs.len() as f64, 32_000.0 - dropped);
     // What survives is the newest, in order.
-    let first = 8000 - seqs.len() as u64;
+    let first = 32_000 - seqs.len() as u64;
     assert_eq!(
         seqs,
-        (first..8000)
+        (first..32_000)
             .map(|s| ("dev-0".to_string(), s))
             .collect::<Vec<_>>()
     );

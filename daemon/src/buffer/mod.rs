@@ -3,6 +3,7 @@
 //! acks; destinations read committed records through their own connections and report what
 //! they delivered, and a segment of records is dropped once every destination has it.
 
+pub mod block;
 pub mod store;
 pub mod writer;
 
@@ -134,6 +135,23 @@ mod tests {
         }
     }
 
+    /// A record whose payload does not compress (pseudo-random bytes), for tests of the bound.
+    fn noise(stream: usize, n: usize, size: usize) -> NewRecord {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ n as u64;
+        let payload: Vec<u8> = (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        NewRecord {
+            payload: payload.into(),
+            ..record(stream, n, 0)
+        }
+    }
+
     type Log = Arc<Mutex<Vec<(usize, Outcome)>>>;
 
     fn envelope(log: &Log, n: usize, records: Result<Vec<NewRecord>, Reject>) -> Envelope {
@@ -164,19 +182,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_buffer_of_the_first_format_is_read_to_its_end_and_appended_in_the_new_one() {
+    async fn buffers_of_earlier_formats_are_read_to_their_end_and_appended_in_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), "");
         {
-            // What an earlier version left: a segment with topic and client id columns.
-            let conn = store::open_writer(&cfg.buffer.path, cfg.buffer.synchronous).unwrap();
+            // What earlier versions left: no `format` column in `segments`; a closed segment
+            // of the first format (topic and client id columns) and an active one of the second
+            // (one row per record).
+            let conn = rusqlite::Connection::open(&cfg.buffer.path).unwrap();
             conn.execute_batch(
-                "CREATE TABLE seg_1 (id INTEGER PRIMARY KEY, stream INTEGER NOT NULL,
+                "CREATE TABLE segments (seq INTEGER PRIMARY KEY, first_id INTEGER NOT NULL,
+                   last_id INTEGER NOT NULL, records INTEGER NOT NULL);
+                 CREATE TABLE streams (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+                 CREATE TABLE destinations (name TEXT PRIMARY KEY, delivered_id INTEGER NOT NULL,
+                   fingerprint TEXT NOT NULL, version INTEGER NOT NULL, intent_last INTEGER,
+                   intent_key TEXT);
+                 CREATE TABLE seg_1 (id INTEGER PRIMARY KEY, stream INTEGER NOT NULL,
                    arrival_ms INTEGER NOT NULL, topic TEXT NOT NULL, client_id TEXT,
                    partition_key TEXT NOT NULL, payload BLOB NOT NULL);
-                 INSERT INTO segments VALUES (1, 1, 0, 0);
+                 CREATE TABLE seg_2 (id INTEGER PRIMARY KEY, stream INTEGER NOT NULL,
+                   arrival_ms INTEGER NOT NULL, partition_key TEXT NOT NULL,
+                   payload BLOB NOT NULL);
+                 INSERT INTO segments VALUES (1, 1, 1, 1), (2, 2, 1, 0);
                  INSERT INTO streams(id, name) VALUES (1, 'a');
-                 INSERT INTO seg_1 VALUES (1, 1, 5, 'a/x', NULL, 'k', x'6f6c64');",
+                 INSERT INTO seg_1 VALUES (1, 1, 5, 'a/x', NULL, 'k', x'6f6c64');
+                 INSERT INTO seg_2 VALUES (2, 1, 6, 'k', x'6f6c6432');",
             )
             .unwrap();
         }
@@ -187,7 +217,7 @@ mod tests {
             .await
             .unwrap();
         let mut committed = b.committed.clone();
-        committed.wait_for(|c| c.last_id == 2).await.unwrap();
+        committed.wait_for(|c| c.last_id == 3).await.unwrap();
         close(b);
         let reader = store::open_reader(&cfg.buffer.path).unwrap();
         let mut seen = Vec::new();
@@ -196,8 +226,24 @@ mod tests {
             std::ops::ControlFlow::Continue(())
         })
         .unwrap();
-        assert_eq!(seen, [(1, b"old".to_vec()), (2, b"xxx".to_vec())]);
-        assert!(!store::is_first_format(&reader, 2).unwrap());
+        assert_eq!(
+            seen,
+            [
+                (1, b"old".to_vec()),
+                (2, b"old2".to_vec()),
+                (3, b"xxx".to_vec())
+            ]
+        );
+        let formats: Vec<_> = store::segments_exact(&reader)
+            .unwrap()
+            .iter()
+            .map(|s| (s.seq, s.first_id, s.last_id, s.format))
+            .collect();
+        use store::SegmentFormat::*;
+        assert_eq!(
+            formats,
+            [(1, 1, 1, Rows), (2, 2, 2, Rows), (3, 3, 3, Blocks)]
+        );
     }
 
     #[tokio::test]
@@ -250,7 +296,7 @@ mod tests {
         let log: Log = Default::default();
         for n in 0..1000 {
             b.ingest
-                .send(envelope(&log, n, Ok(vec![record(0, n, 1000)])))
+                .send(envelope(&log, n, Ok(vec![noise(0, n, 1000)])))
                 .await
                 .unwrap();
         }
@@ -294,7 +340,7 @@ mod tests {
         let log: Log = Default::default();
         for n in 0..3000 {
             b.ingest
-                .send(envelope(&log, n, Ok(vec![record(0, n, 1000)])))
+                .send(envelope(&log, n, Ok(vec![noise(0, n, 1000)])))
                 .await
                 .unwrap();
         }
@@ -328,7 +374,7 @@ mod tests {
             tokio::spawn(async move {
                 for n in 0..3000 {
                     ingest
-                        .send(envelope(&log, n, Ok(vec![record(0, n, 1000)])))
+                        .send(envelope(&log, n, Ok(vec![noise(0, n, 1000)])))
                         .await
                         .unwrap();
                 }

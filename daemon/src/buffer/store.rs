@@ -6,11 +6,17 @@
 //! `segments`. Appending goes to the newest segment; a segment is dropped whole once every
 //! destination has delivered past its last id. Dropping a table frees its pages without the
 //! per-row work (and page rewrites) that deleting rows would cost.
+//!
+//! A segment's rows are blocks of records (see [`super::block`]): `(first_id, last_id, codec,
+//! body)`, one or more per commit. Segments written by versions before blocks hold one row per
+//! record (`SegmentFormat::Rows`); they are read to their end and never appended to.
 
 use std::ops::ControlFlow;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::block::{Block, BlockReader};
 
 use crate::config::Synchronous;
 
@@ -19,7 +25,8 @@ CREATE TABLE IF NOT EXISTS segments (
     seq      INTEGER PRIMARY KEY,
     first_id INTEGER NOT NULL,
     last_id  INTEGER NOT NULL,
-    records  INTEGER NOT NULL
+    records  INTEGER NOT NULL,
+    format   INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS streams (
     id   INTEGER PRIMARY KEY,
@@ -53,7 +60,22 @@ pub fn open_writer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connectio
     )?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     conn.execute_batch(SCHEMA)?;
+    // Files from before blocks: their segments hold rows (format 0, the column's default).
+    if !has_column(&conn, "segments", "format")? {
+        conn.execute_batch("ALTER TABLE segments ADD COLUMN format INTEGER NOT NULL DEFAULT 0")?;
+    }
     Ok(conn)
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+    for name in names {
+        if name? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Opens a read-only connection for a destination.
@@ -193,13 +215,24 @@ pub fn set_delivered(conn: &Connection, name: &str, last: i64) -> rusqlite::Resu
     Ok(())
 }
 
+/// How a segment's table holds its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentFormat {
+    /// One row per record (versions before blocks): read, never appended to.
+    Rows = 0,
+    /// Blocks of consecutive records, compressed.
+    Blocks = 1,
+}
+
 /// One segment: the records with ids `first_id..=last_id` (none yet when `last_id < first_id`).
+/// Ids within a segment are dense (every id in the range is a record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
     pub seq: i64,
     pub first_id: i64,
     pub last_id: i64,
     pub records: u64,
+    pub format: SegmentFormat,
 }
 
 impl Segment {
@@ -216,14 +249,20 @@ fn table(seq: i64) -> String {
 /// the active (newest) one's are only written when it closes (writing them at every commit would
 /// rewrite a page per commit), so treat it as open-ended, or use [`segments_exact`].
 pub fn segments(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, first_id, last_id, records FROM segments ORDER BY seq")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, first_id, last_id, records, format FROM segments ORDER BY seq",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok(Segment {
             seq: r.get(0)?,
             first_id: r.get(1)?,
             last_id: r.get(2)?,
             records: r.get(3)?,
+            format: if r.get::<_, i64>(4)? == SegmentFormat::Rows as i64 {
+                SegmentFormat::Rows
+            } else {
+                SegmentFormat::Blocks
+            },
         })
     })?;
     rows.collect()
@@ -233,13 +272,17 @@ pub fn segments(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
 pub fn segments_exact(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
     let mut all = segments(conn)?;
     if let Some(active) = all.last_mut() {
-        let (last, records): (Option<i64>, u64) = conn.query_row(
-            &format!("SELECT max(id), count(*) FROM {}", active.table()),
+        let column = match active.format {
+            SegmentFormat::Rows => "id",
+            SegmentFormat::Blocks => "last_id",
+        };
+        let last: Option<i64> = conn.query_row(
+            &format!("SELECT max({column}) FROM {}", active.table()),
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| r.get(0),
         )?;
         active.last_id = last.unwrap_or(active.first_id - 1);
-        active.records = records;
+        active.records = (active.last_id - active.first_id + 1) as u64;
     }
     Ok(all)
 }
@@ -248,37 +291,44 @@ pub fn segments_exact(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
 pub fn create_segment(conn: &Connection, seq: i64, first_id: i64) -> rusqlite::Result<Segment> {
     conn.execute_batch(&format!(
         "CREATE TABLE {} (
-            id            INTEGER PRIMARY KEY,
-            stream        INTEGER NOT NULL,
-            arrival_ms    INTEGER NOT NULL,
-            partition_key TEXT    NOT NULL,
-            payload       BLOB    NOT NULL
+            first_id INTEGER PRIMARY KEY,
+            last_id  INTEGER NOT NULL,
+            codec    INTEGER NOT NULL,
+            body     BLOB    NOT NULL
         )",
         table(seq)
     ))?;
     conn.execute(
-        "INSERT INTO segments(seq, first_id, last_id, records) VALUES (?1, ?2, ?3, 0)",
-        params![seq, first_id, first_id - 1],
+        "INSERT INTO segments(seq, first_id, last_id, records, format)
+         VALUES (?1, ?2, ?3, 0, ?4)",
+        params![seq, first_id, first_id - 1, SegmentFormat::Blocks as i64],
     )?;
     Ok(Segment {
         seq,
         first_id,
         last_id: first_id - 1,
         records: 0,
+        format: SegmentFormat::Blocks,
     })
 }
 
-/// Whether a segment table has the columns of the first format (topic, client id), which new
-/// records no longer carry: such a segment is read to its end but not appended to.
-pub fn is_first_format(conn: &Connection, seq: i64) -> rusqlite::Result<bool> {
-    let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", table(seq)))?;
-    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
-    for name in names {
-        if name? == "topic" {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+/// The statement that appends a block to a segment (for `prepare_cached`).
+pub fn insert_block_sql(seq: i64) -> String {
+    format!(
+        "INSERT INTO {}(first_id, last_id, codec, body) VALUES (?1, ?2, ?3, ?4)",
+        table(seq)
+    )
+}
+
+/// Appends a block to a segment of the block format.
+pub fn insert_block(conn: &Connection, sql: &str, block: &Block<'_>) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute(params![
+        block.first_id,
+        block.last_id,
+        block.codec as i64,
+        block.body
+    ])?;
+    Ok(())
 }
 
 pub fn update_segment(conn: &Connection, s: &Segment) -> rusqlite::Result<()> {
@@ -291,15 +341,6 @@ pub fn drop_segment(conn: &Connection, seq: i64) -> rusqlite::Result<()> {
     conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", table(seq)))?;
     conn.execute("DELETE FROM segments WHERE seq = ?1", params![seq])?;
     Ok(())
-}
-
-/// Records of a segment after `after` (what dropping it early would lose).
-pub fn count_after(conn: &Connection, seq: i64, after: i64) -> rusqlite::Result<u64> {
-    conn.query_row(
-        &format!("SELECT count(*) FROM {} WHERE id > ?1", table(seq)),
-        params![after],
-        |r| r.get(0),
-    )
 }
 
 /// Bytes of the file in use (pages not on the free list): what `buffer.max_size` bounds.
@@ -336,37 +377,125 @@ pub fn scan(
         .join(",");
     let tx = conn.unchecked_transaction()?;
     let mut n = 0;
+    let mut blocks: Option<BlockReader> = None;
     let segments = segments(&tx)?;
     let active = segments.last().map(|s| s.seq);
-    'segments: for seg in segments {
+    for seg in segments {
         // The active segment's listed last_id lags: it may hold more.
         let done = seg.last_id <= after && Some(seg.seq) != active;
         if done || seg.first_id > until {
             continue;
         }
-        let mut stmt = tx.prepare_cached(&format!(
-            "SELECT id, arrival_ms, payload, partition_key FROM {}
-             WHERE id > ?1 AND id <= ?2 AND stream IN ({list}) ORDER BY id",
-            seg.table()
-        ))?;
-        let mut rows = stmt.query(params![after, until])?;
-        while let Some(row) = rows.next()? {
-            let payload = row.get_ref(2)?.as_blob()?;
-            let partition_key = row.get_ref(3)?.as_str()?;
-            n += 1;
-            let flow = visit(RowRef {
-                id: row.get(0)?,
-                arrival_ms: row.get(1)?,
-                partition_key,
-                payload,
-            });
-            if flow.is_break() {
-                break 'segments;
+        let flow = match seg.format {
+            SegmentFormat::Rows => scan_rows(&tx, &seg, &list, after, until, &mut n, &mut visit)?,
+            SegmentFormat::Blocks => {
+                let reader = match &mut blocks {
+                    Some(r) => r,
+                    None => blocks.insert(BlockReader::new().map_err(io_error)?),
+                };
+                scan_blocks(&tx, &seg, reader, streams, after, until, &mut n, &mut visit)?
             }
+        };
+        if flow.is_break() {
+            break;
         }
     }
     tx.finish()?;
     Ok(n)
+}
+
+fn scan_rows(
+    tx: &Connection,
+    seg: &Segment,
+    list: &str,
+    after: i64,
+    until: i64,
+    n: &mut u64,
+    visit: &mut impl FnMut(RowRef<'_>) -> ControlFlow<()>,
+) -> rusqlite::Result<ControlFlow<()>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT id, arrival_ms, payload, partition_key FROM {}
+         WHERE id > ?1 AND id <= ?2 AND stream IN ({list}) ORDER BY id",
+        seg.table()
+    ))?;
+    let mut rows = stmt.query(params![after, until])?;
+    while let Some(row) = rows.next()? {
+        let payload = row.get_ref(2)?.as_blob()?;
+        let partition_key = row.get_ref(3)?.as_str()?;
+        *n += 1;
+        let flow = visit(RowRef {
+            id: row.get(0)?,
+            arrival_ms: row.get(1)?,
+            partition_key,
+            payload,
+        });
+        if flow.is_break() {
+            return Ok(flow);
+        }
+    }
+    Ok(ControlFlow::Continue(()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scan_blocks(
+    tx: &Connection,
+    seg: &Segment,
+    reader: &mut BlockReader,
+    streams: &[i64],
+    after: i64,
+    until: i64,
+    n: &mut u64,
+    visit: &mut impl FnMut(RowRef<'_>) -> ControlFlow<()>,
+) -> rusqlite::Result<ControlFlow<()>> {
+    // The block holding `after + 1` starts at or before it: find that start by rowid, then
+    // read forward.
+    let start: Option<i64> = tx
+        .prepare_cached(&format!(
+            "SELECT max(first_id) FROM {} WHERE first_id <= ?1",
+            seg.table()
+        ))?
+        .query_row(params![after.saturating_add(1)], |r| r.get(0))?;
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT first_id, codec, body FROM {}
+         WHERE first_id >= ?1 AND first_id <= ?2 ORDER BY first_id",
+        seg.table()
+    ))?;
+    let mut rows = stmt.query(params![start.unwrap_or(i64::MIN), until])?;
+    while let Some(row) = rows.next()? {
+        let first_id: i64 = row.get(0)?;
+        let codec: i64 = row.get(1)?;
+        let body = row.get_ref(2)?.as_blob()?;
+        let mut past_until = false;
+        let flow = reader
+            .visit(first_id, codec, body, |r| {
+                if r.id > until {
+                    past_until = true;
+                    return ControlFlow::Break(());
+                }
+                if r.id <= after || !streams.contains(&r.stream) {
+                    return ControlFlow::Continue(());
+                }
+                *n += 1;
+                visit(RowRef {
+                    id: r.id,
+                    arrival_ms: r.arrival_ms,
+                    partition_key: r.partition_key,
+                    payload: r.payload,
+                })
+            })
+            .map_err(io_error)?;
+        if past_until {
+            return Ok(ControlFlow::Continue(()));
+        }
+        if flow.is_break() {
+            return Ok(flow);
+        }
+    }
+    Ok(ControlFlow::Continue(()))
+}
+
+fn io_error(e: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
 }
 
 /// What is pending for `streams` after `after`: (records, payload bytes).
@@ -435,20 +564,22 @@ mod tests {
     }
 
     #[test]
-    fn scan_crosses_segments_in_id_order_and_filters_streams() {
+    fn scan_crosses_segments_and_blocks_in_id_order_and_filters_streams() {
         let (_dir, conn) = db();
         let mut id = 1;
+        let mut w = super::super::block::BlockWriter::new().unwrap();
         for seq in 1..=3 {
             let mut seg = create_segment(&conn, seq, id).unwrap();
-            for _ in 0..4 {
-                conn.execute(
-                    &format!("INSERT INTO {} VALUES (?1, ?2, ?3, 'k', ?4)", seg.table()),
-                    params![id, id % 2, id * 10, id.to_string().into_bytes()],
-                )
-                .unwrap();
-                seg.last_id = id;
-                seg.records += 1;
-                id += 1;
+            // Two blocks of two records per segment.
+            for _ in 0..2 {
+                for _ in 0..2 {
+                    w.push(id, id % 2, id * 10, "k", id.to_string().as_bytes());
+                    seg.last_id = id;
+                    seg.records += 1;
+                    id += 1;
+                }
+                let block = w.finish().unwrap().unwrap();
+                insert_block(&conn, &insert_block_sql(seq), &block).unwrap();
             }
             update_segment(&conn, &seg).unwrap();
         }
@@ -466,15 +597,24 @@ mod tests {
         assert_eq!(ids, [4, 6, 8, 10]);
         assert_eq!(seen[0].1, 40);
         assert_eq!(seen[0].2, "4");
+        // Starting inside a block, and stopping inside one.
+        let mut ids = Vec::new();
+        scan(&conn, &[0, 1], 5, Some(6), |r| {
+            ids.push(r.id);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(ids, [6]);
         assert_eq!(pending(&conn, &[0, 1], 6).unwrap().0, 6);
         assert_eq!(oldest_arrival(&conn, &[1], 9).unwrap(), Some(110));
         drop_segment(&conn, 1).unwrap();
         assert_eq!(pending(&conn, &[0, 1], 0).unwrap().0, 8);
 
-        // Rows added to the active segment after its row was last written are still found,
+        // Blocks added to the active segment after its row was last written are still found,
         // and segments_exact reads its real extent.
-        conn.execute("INSERT INTO seg_3 VALUES (13, 0, 130, 'k', x'31')", [])
-            .unwrap();
+        w.push(13, 0, 130, "k", b"1");
+        let block = w.finish().unwrap().unwrap();
+        insert_block(&conn, &insert_block_sql(3), &block).unwrap();
         assert_eq!(pending(&conn, &[0, 1], 12).unwrap().0, 1);
         let exact = segments_exact(&conn).unwrap();
         assert_eq!((exact[1].last_id, exact[1].records), (13, 5));

@@ -5,12 +5,13 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::store::{self, Segment};
+use super::block::BlockWriter;
+use super::store::{self, Segment, SegmentFormat};
 use super::BufferError;
 use crate::config::{BufferConfig, WhenFull};
 use crate::message::{Ack, Envelope, Outcome};
@@ -28,6 +29,9 @@ const SEGMENT_MAX_RECORDS: u64 = 65_536;
 /// ...and at most this many bytes, or a sixteenth of the buffer bound if that is less, so that
 /// dropping delivered segments keeps the file near its live size.
 const SEGMENT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// A block is closed at this many raw bytes even inside one commit, so readers decode blocks of
+/// bounded size.
+const BLOCK_MAX_RAW: usize = 1024 * 1024;
 
 /// What has been committed so far, published after every commit. Counters are cumulative since
 /// start, per stream (indexed as in the config), so each destination can tell how much is
@@ -80,6 +84,8 @@ pub struct Writer {
     active_bytes: u64,
     /// The INSERT statement for the active segment.
     insert_sql: String,
+    /// The records of the open transaction not yet inserted: they go in as one block.
+    block: BlockWriter,
     segment_max_bytes: u64,
     /// Bytes of the file in use, measured after the last commit.
     bytes: u64,
@@ -111,7 +117,8 @@ impl Writer {
             c.payload_bytes = vec![0; streams];
         });
         let mut w = Self {
-            insert_sql: insert_sql(segments.back().expect("created above")),
+            insert_sql: store::insert_block_sql(segments.back().expect("created above").seq),
+            block: BlockWriter::new()?,
             bytes: store::used_bytes(&conn)?,
             conn,
             segment_max_bytes: (config.max_size / 16).clamp(64 * 1024, SEGMENT_MAX_BYTES),
@@ -122,9 +129,8 @@ impl Writer {
             active_bytes: 0,
             committed,
         };
-        // A buffer written by an earlier version: new records go to a segment of this format.
-        let active = w.segments.back().map(|s| s.seq).unwrap_or(1);
-        if store::is_first_format(&w.conn, active)? {
+        // A buffer written by an earlier version: new records go to a segment of blocks.
+        if w.active().format != SegmentFormat::Blocks {
             w.execute_in_transaction(|w| w.rotate())?;
         }
         // What every destination already has may be dropped now.
@@ -333,6 +339,7 @@ impl Writer {
                 }
                 count += self.admit(next, &mut g)?;
             }
+            self.flush_block()?;
             // The active segment's row is not touched here (that would rewrite its page at every
             // commit); it is written when the segment closes and recomputed at start.
             self.conn.execute_batch("COMMIT")?;
@@ -371,6 +378,7 @@ impl Writer {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.block.clear();
                 self.segments = saved_segments;
                 self.active_bytes = saved_active_bytes;
                 self.bytes = store::used_bytes(&self.conn).unwrap_or(self.bytes);
@@ -427,15 +435,16 @@ impl Writer {
                 self.rotate()?;
             }
             let id = self.active().last_id + 1;
-            self.conn
-                .prepare_cached(&self.insert_sql)?
-                .execute(params![
-                    id,
-                    self.stream_ids[r.stream],
-                    r.arrival_ms,
-                    r.partition_key,
-                    &r.payload[..]
-                ])?;
+            self.block.push(
+                id,
+                self.stream_ids[r.stream],
+                r.arrival_ms,
+                &r.partition_key,
+                &r.payload,
+            );
+            if self.block.raw_len() >= BLOCK_MAX_RAW {
+                self.flush_block()?;
+            }
             let active = self.active();
             active.last_id = id;
             active.records += 1;
@@ -451,24 +460,36 @@ impl Writer {
         Ok(n)
     }
 
-    /// Whether `need` more bytes fit under the bound. Away from the bound an estimate does;
-    /// near it, the file's pages are counted (inside the transaction, so they include it).
+    /// Whether `need` more bytes fit under the bound. Away from the bound an estimate does (raw
+    /// sizes, which compression only shrinks); near it, the file's pages are counted (inside the
+    /// transaction, so they include it).
     fn fits(&mut self, g: &mut Group, need: u64) -> Result<bool, BufferError> {
         let limit = self.config.max_size.saturating_sub(PAGE_SLACK);
         if self.bytes + g.txn_bytes + need <= limit - limit / 8 {
             return Ok(true);
         }
+        // Near the bound: insert what is pending so the file's pages count it exactly.
+        self.flush_block()?;
         self.bytes = store::used_bytes(&self.conn)?;
         g.txn_bytes = 0;
         Ok(self.bytes + need <= limit)
     }
 
+    /// Inserts the records pushed so far as one block of the active segment.
+    fn flush_block(&mut self) -> Result<(), BufferError> {
+        if let Some(block) = self.block.finish()? {
+            store::insert_block(&self.conn, &self.insert_sql, &block)?;
+        }
+        Ok(())
+    }
+
     /// Closes the active segment and starts the next (inside the open transaction).
     fn rotate(&mut self) -> Result<(), BufferError> {
+        self.flush_block()?;
         let active = *self.active();
         store::update_segment(&self.conn, &active)?;
         let next = store::create_segment(&self.conn, active.seq + 1, active.last_id + 1)?;
-        self.insert_sql = insert_sql(&next);
+        self.insert_sql = store::insert_block_sql(next.seq);
         self.segments.push_back(next);
         self.active_bytes = 0;
         Ok(())
@@ -480,11 +501,8 @@ impl Writer {
             return Ok(0);
         };
         let everyone_has = self.everyone_has();
-        let lost = if oldest.last_id <= everyone_has {
-            0
-        } else {
-            store::count_after(&self.conn, oldest.seq, everyone_has)?
-        };
+        // Ids are dense within a segment.
+        let lost = (oldest.last_id - everyone_has.max(oldest.first_id - 1)).max(0) as u64;
         store::drop_segment(&self.conn, oldest.seq)?;
         Ok(lost)
     }
@@ -558,14 +576,6 @@ struct Group {
     txn_bytes: u64,
     pending: Vec<Pending>,
     dropped: u64,
-}
-
-fn insert_sql(segment: &Segment) -> String {
-    format!(
-        "INSERT INTO {}(id, stream, arrival_ms, partition_key, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        segment.table()
-    )
 }
 
 fn need(env: &Envelope) -> u64 {
