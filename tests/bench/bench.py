@@ -11,7 +11,7 @@ runs every figure once with tiny loads (CI uses it so the harness cannot rot; it
 nothing about speed). --json prints one JSON document instead of the table.
 
 BENCH_COMMIT_INTERVAL and BENCH_COMMIT_LINGER set buffer.commit_interval and
-buffer.commit_linger_records (defaults 5ms and 64, the daemon's) to measure that trade-off.
+buffer.commit_linger_records to measure that trade-off (unset: the daemon's defaults).
 
 Systems:
   edgehose   the release daemon, front door (PUBACK after the durable commit), `file`
@@ -49,6 +49,16 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def commit_overrides():
+    """Config lines for the BENCH_COMMIT_* overrides; none by default (the daemon's defaults)."""
+    lines = []
+    if "BENCH_COMMIT_INTERVAL" in os.environ:
+        lines.append(f'commit_interval = "{os.environ["BENCH_COMMIT_INTERVAL"]}"')
+    if "BENCH_COMMIT_LINGER" in os.environ:
+        lines.append(f'commit_linger_records = {int(os.environ["BENCH_COMMIT_LINGER"])}')
+    return "\n".join(lines)
 
 
 def now_ms():
@@ -92,8 +102,7 @@ mode = "frontdoor"
 listen = "127.0.0.1:{self.mqtt}"
 [buffer]
 path = "{self.scratch}/data/edgehose.db"
-commit_interval = "{os.environ.get('BENCH_COMMIT_INTERVAL', '5ms')}"
-commit_linger_records = {os.environ.get('BENCH_COMMIT_LINGER', '64')}
+{commit_overrides()}
 [admin]
 listen = "127.0.0.1:{self.admin}"
 [streams.telemetry]

@@ -32,6 +32,8 @@ const SEGMENT_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// A block is closed at this many raw bytes even inside one commit, so readers decode blocks of
 /// bounded size.
 const BLOCK_MAX_RAW: usize = 1024 * 1024;
+/// A lingering group commits once nothing has arrived for this long.
+const IDLE_COMMIT: Duration = Duration::from_millis(1);
 
 /// What has been committed so far, published after every commit. Counters are cumulative since
 /// start, per stream (indexed as in the config), so each destination can tell how much is
@@ -316,14 +318,17 @@ impl Writer {
                     }
                     // Nothing waiting. A group big enough already is committed now; a small
                     // one lingers until the deadline, so light traffic still gets few commits
-                    // (few page rewrites on an SD card).
+                    // (few page rewrites on an SD card), but not once nothing has come for a
+                    // quarter of the interval: then its senders are likely waiting for these
+                    // very acks (a window smaller than the linger, one broker connection).
                     Err(mpsc::error::TryRecvError::Empty)
                         if count >= self.config.commit_linger_records =>
                     {
                         break
                     }
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        match tokio::time::timeout_at(deadline, ingest.recv()).await {
+                        let idle = Instant::now() + IDLE_COMMIT;
+                        match tokio::time::timeout_at(idle.min(deadline), ingest.recv()).await {
                             Ok(Some(env)) => env,
                             Ok(None) => {
                                 open = false;
