@@ -101,14 +101,8 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
             .run(),
         );
     }
-    let watchdog = service::watchdog_interval().map(|interval| {
-        info!(?interval, "systemd watchdog enabled");
-        tokio::spawn(service::watchdog(
-            interval,
-            buffer.control.downgrade(),
-            shutdown.clone(),
-        ))
-    });
+    // The watchdog holds the control channel weakly: its pings must not keep the writer alive.
+    let watchdog_control = buffer.control.downgrade();
     drop(buffer.control);
 
     let admin = match config.admin.listen {
@@ -144,6 +138,15 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
     };
     info!("edgehose ready");
     service::ready();
+    // systemd arms the watchdog once start-up is complete (READY=1): the pings start now.
+    let watchdog = service::watchdog_interval().map(|interval| {
+        info!(?interval, "systemd watchdog enabled");
+        tokio::spawn(service::watchdog(
+            interval,
+            watchdog_control,
+            shutdown.clone(),
+        ))
+    });
 
     wait_for_signal(|| {
         if let Some(r) = &reload {

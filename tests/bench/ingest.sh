@@ -7,7 +7,9 @@
 #
 # Usage: tests/bench/ingest.sh [runs=3] [clients=100] [messages_per_client=5000] [qos=1]
 # MODE=frontdoor (default: PUBACK after commit) or MODE=broker (embedded rumqttd, whose
-# in-memory log is LOG_SEGMENT_SIZE (default 32MiB) x LOG_SEGMENT_COUNT (default 8)).
+# in-memory log is LOG_SEGMENT_SIZE (default 32MiB) x LOG_SEGMENT_COUNT (default 8)), or
+# MODE=client (devices publish to mosquitto, edgehose subscribes and acks after commit;
+# BROKER_INFLIGHT, default 20, is mosquitto's max_inflight_messages towards edgehose).
 # ENGINE=raw (default: firmware-sim's lean MQTT writer) or ENGINE=rumqttc (a full client per
 # device, heavier on the shared CPU).
 set -euo pipefail

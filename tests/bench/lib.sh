@@ -13,10 +13,22 @@ free_port() {
 
 # Prints a gateway config for the current scratch, mqtt and admin, delivering under the
 # `file` root $1 (default $scratch/out), or to the destination body in $DEST_TOML. MODE=frontdoor (default) or MODE=broker (embedded
-# rumqttd, its log LOG_SEGMENT_SIZE x LOG_SEGMENT_COUNT, default 32MiB x 8).
+# rumqttd, its log LOG_SEGMENT_SIZE x LOG_SEGMENT_COUNT, default 32MiB x 8), or MODE=client
+# (edgehose subscribes to Debian's mosquitto on $mqtt, which allows BROKER_INFLIGHT QoS 1
+# messages in flight to it, default 20 as mosquitto's own default; devices publish to mosquitto).
 bench_config() {
     local root=${1:-$scratch/out}
-    if [ "${MODE:-frontdoor}" = broker ]; then
+    if [ "${MODE:-frontdoor}" = client ]; then
+        cat <<TOML
+[ingress]
+mode = "client"
+[ingress.client]
+host = "127.0.0.1"
+port = $mqtt
+client_id = "edgehose-bench"
+topics = ["sensors/+/telemetry"]
+TOML
+    elif [ "${MODE:-frontdoor}" = broker ]; then
         cat <<TOML
 [ingress]
 mode = "broker"
@@ -81,15 +93,31 @@ bench_wait_ready() {
 bench_start() {
     scratch=$(mktemp -d)
     mqtt=$(free_port); admin=$(free_port)
+    broker_pid=
+    if [ "${MODE:-frontdoor}" = client ]; then
+        printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages %s\n' \
+            "$mqtt" "${BROKER_INFLIGHT:-20}" > "$scratch/mosquitto.conf"
+        "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$scratch/mosquitto.conf" 2> "$scratch/mosquitto.log" &
+        broker_pid=$!
+        sleep 0.3
+    fi
     bench_config > "$scratch/bench.toml"
     $bin/edgehose run --config "$scratch/bench.toml" 2> "$scratch/edgehose.log" &
     pid=$!
     bench_wait_ready
+    if [ -n "$broker_pid" ]; then
+        for _ in $(seq 200); do
+            grep -q "connected to the external broker" "$scratch/edgehose.log" && break
+            sleep 0.05
+        done
+        sleep 0.3   # the SUBSCRIBE registered before the first publish
+    fi
 }
 
 bench_stop() {
     kill -TERM "$pid"
     wait "$pid" || true
+    if [ -n "${broker_pid:-}" ]; then kill "$broker_pid"; wait "$broker_pid" || true; fi
     rm -rf "$scratch"
 }
 

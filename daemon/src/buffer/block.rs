@@ -233,6 +233,20 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
+/// Bytes that do not compress (xorshift), for tests that need stored sizes to be real.
+#[cfg(test)]
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,16 +310,7 @@ mod tests {
     #[test]
     fn what_does_not_compress_is_stored() {
         let mut w = BlockWriter::new().unwrap();
-        // Pseudo-random bytes.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let payload: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let payload = noise(7, 4096);
         w.push(1, 1, 5, "", &payload);
         let b = w.finish().unwrap().unwrap();
         assert_eq!(b.codec, Codec::Stored);

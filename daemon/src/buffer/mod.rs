@@ -137,17 +137,8 @@ mod tests {
 
     /// A record whose payload does not compress (pseudo-random bytes), for tests of the bound.
     fn noise(stream: usize, n: usize, size: usize) -> NewRecord {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ n as u64;
-        let payload: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
         NewRecord {
-            payload: payload.into(),
+            payload: block::noise(n as u64, size).into(),
             ..record(stream, n, 0)
         }
     }

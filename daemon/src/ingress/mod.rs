@@ -13,7 +13,6 @@ use tracing::warn;
 
 use crate::batching::now_ms;
 use crate::message::{Ack, Envelope, NewRecord};
-use crate::metrics as m;
 use crate::routing::Router;
 
 /// Checks and routes one message. A refused message still becomes an envelope, so its ack
@@ -25,7 +24,7 @@ pub fn admit(
     client_id: Option<&str>,
     ack: Ack,
 ) -> Envelope {
-    metrics::counter!(m::RECEIVED).increment(1);
+    router.received.increment(1);
     let arrival_ms = now_ms();
     let records = std::str::from_utf8(topic)
         .map_err(|_| crate::routing::Reject::BadTopic)
