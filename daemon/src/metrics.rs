@@ -14,6 +14,7 @@ pub const BUFFER_RECORDS: &str = "edgehose_buffer_records";
 pub const BUFFER_BYTES: &str = "edgehose_buffer_bytes";
 pub const BUFFER_DROPPED: &str = "edgehose_buffer_dropped_total";
 pub const BUFFER_FULL_WAITS: &str = "edgehose_buffer_full_waits_total";
+pub const BUFFER_CORRUPT: &str = "edgehose_buffer_corrupt_records_total";
 pub const DELIVERED_RECORDS: &str = "edgehose_records_delivered_total";
 pub const DELIVERED_BATCHES: &str = "edgehose_batches_delivered_total";
 pub const DELIVERED_BYTES: &str = "edgehose_bytes_delivered_total";
@@ -57,6 +58,10 @@ pub fn describe() {
     describe_counter!(
         BUFFER_DROPPED,
         "Records deleted undelivered by the drop_oldest policy"
+    );
+    describe_counter!(
+        BUFFER_CORRUPT,
+        "Records skipped because their block in the buffer file could not be read back (disk corruption)"
     );
     describe_counter!(
         BUFFER_FULL_WAITS,

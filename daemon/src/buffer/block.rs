@@ -50,7 +50,12 @@ impl BlockWriter {
             first_id: 0,
             last_id: 0,
             prev_arrival: 0,
-            compressor: zstd::bulk::Compressor::new(LEVEL)?,
+            compressor: {
+                let mut c = zstd::bulk::Compressor::new(LEVEL)?;
+                // 4 bytes per block: a flipped bit on the card is detected, not decoded.
+                c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                c
+            },
             compressed: Vec::new(),
         })
     }

@@ -456,34 +456,45 @@ fn scan_blocks(
         ))?
         .query_row(params![after.saturating_add(1)], |r| r.get(0))?;
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT first_id, codec, body FROM {}
+        "SELECT first_id, last_id, codec, body FROM {}
          WHERE first_id >= ?1 AND first_id <= ?2 ORDER BY first_id",
         seg.table()
     ))?;
     let mut rows = stmt.query(params![start.unwrap_or(i64::MIN), until])?;
     while let Some(row) = rows.next()? {
         let first_id: i64 = row.get(0)?;
-        let codec: i64 = row.get(1)?;
-        let body = row.get_ref(2)?.as_blob()?;
+        let last_id: i64 = row.get(1)?;
+        let codec: i64 = row.get(2)?;
+        let body = row.get_ref(3)?.as_blob()?;
         let mut past_until = false;
-        let flow = reader
-            .visit(first_id, codec, body, |r| {
-                if r.id > until {
-                    past_until = true;
-                    return ControlFlow::Break(());
-                }
-                if r.id <= after || !streams.contains(&r.stream) {
-                    return ControlFlow::Continue(());
-                }
-                *n += 1;
-                visit(RowRef {
-                    id: r.id,
-                    arrival_ms: r.arrival_ms,
-                    partition_key: r.partition_key,
-                    payload: r.payload,
-                })
+        let mut visited = first_id - 1;
+        let result = reader.visit(first_id, codec, body, |r| {
+            visited = r.id;
+            if r.id > until {
+                past_until = true;
+                return ControlFlow::Break(());
+            }
+            if r.id <= after || !streams.contains(&r.stream) {
+                return ControlFlow::Continue(());
+            }
+            *n += 1;
+            visit(RowRef {
+                id: r.id,
+                arrival_ms: r.arrival_ms,
+                partition_key: r.partition_key,
+                payload: r.payload,
             })
-            .map_err(io_error)?;
+        });
+        let flow = match result {
+            Ok(flow) => flow,
+            Err(e) => {
+                // The disk returned something else than was written. Retrying cannot help and
+                // must not wedge the destinations: the rest of the block is skipped, once
+                // logged and counted.
+                report_corrupt_block(seg.seq, visited + 1, last_id, &e);
+                ControlFlow::Continue(())
+            }
+        };
         if past_until {
             return Ok(ControlFlow::Continue(()));
         }
@@ -492,6 +503,26 @@ fn scan_blocks(
         }
     }
     Ok(ControlFlow::Continue(()))
+}
+
+/// Logs (at ERROR) and counts an unreadable block, once per process.
+fn report_corrupt_block(seq: i64, first: i64, last: i64, error: &std::io::Error) {
+    static SEEN: std::sync::Mutex<Vec<(i64, i64)>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.contains(&(seq, first)) {
+        return;
+    }
+    seen.push((seq, first));
+    let records = (last - first + 1).max(0) as u64;
+    tracing::error!(
+        segment = seq,
+        first_id = first,
+        last_id = last,
+        records,
+        %error,
+        "a block of the buffer file cannot be read back (disk corruption?): its records are skipped"
+    );
+    metrics::counter!(crate::metrics::BUFFER_CORRUPT).increment(records);
 }
 
 fn io_error(e: std::io::Error) -> rusqlite::Error {
@@ -621,5 +652,46 @@ mod tests {
         assert_eq!(segments(&conn).unwrap()[1].last_id, 12);
         assert_eq!(segments(&conn).unwrap().len(), 2);
         assert!(used_bytes(&conn).unwrap() > 0);
+    }
+
+    #[test]
+    fn a_corrupt_block_is_skipped_and_the_rest_is_read() {
+        let (_dir, conn) = db();
+        let mut w = super::super::block::BlockWriter::new().unwrap();
+        let mut seg = create_segment(&conn, 1, 1).unwrap();
+        for b in 0..3 {
+            for i in 1..=10 {
+                let id = b * 10 + i;
+                let payload = format!(r#"{{"device":"dev-{i}","seq":{id},"t":21.5}}"#);
+                w.push(id, 1, id, "k", payload.as_bytes());
+            }
+            let block = w.finish().unwrap().unwrap();
+            assert_eq!(block.codec, super::super::block::Codec::Zstd);
+            insert_block(&conn, &insert_block_sql(1), &block).unwrap();
+        }
+        seg.last_id = 30;
+        seg.records = 30;
+        update_segment(&conn, &seg).unwrap();
+        // One bit flips in the middle block, as an SD card might.
+        let mut body: Vec<u8> = conn
+            .query_row("SELECT body FROM seg_1 WHERE first_id = 11", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let mid = body.len() / 2;
+        body[mid] ^= 0x10;
+        conn.execute(
+            "UPDATE seg_1 SET body = ?1 WHERE first_id = 11",
+            params![body],
+        )
+        .unwrap();
+        let mut ids = Vec::new();
+        let n = scan(&conn, &[1], 0, None, |r| {
+            ids.push(r.id);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(n, 20);
+        assert_eq!(ids, (1..=10).chain(21..=30).collect::<Vec<_>>());
     }
 }
