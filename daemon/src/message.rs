@@ -18,14 +18,15 @@ pub struct NewRecord {
 }
 
 impl NewRecord {
-    /// Bytes this record counts against `buffer.max_size`: its data plus a fixed per-row cost.
+    /// Bytes this record counts against `buffer.max_size` before SQLite counts its pages: its
+    /// data uncompressed plus a fixed per-record cost (an overestimate: blocks are compressed).
     pub fn accounted_bytes(&self) -> u64 {
         accounted_bytes(self.payload.len(), self.partition_key.len())
     }
 }
 
-/// Per-row overhead (rowid, integers, SQLite cell header), for estimating a transaction's size
-/// against the buffer bound before SQLite reports its pages.
+/// Per-record overhead (framing, the block's share of its row), for estimating a transaction's
+/// size against the buffer bound before SQLite reports its pages.
 pub const ROW_OVERHEAD: u64 = 32;
 
 pub fn accounted_bytes(payload: usize, text: usize) -> u64 {
