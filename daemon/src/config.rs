@@ -300,7 +300,8 @@ pub enum Synchronous {
 /// Group commit defaults, chosen for SD cards: at 10,000 msg/s from 100 devices they make groups
 /// of up to 128 records, which write 2.3 bytes per payload byte with a PUBACK p99 of ~6 ms;
 /// 5 ms / 64 wrote 3.2 (BENCHMARKS.md, "Disk writes"). Under heavy load groups fill by
-/// themselves; a lone sender whose window is below the linger costs 1 ms idle per group.
+/// themselves; a lone sender whose window is below the linger is recognised after three groups
+/// (see `buffer::writer::Linger`).
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_COMMIT_LINGER_RECORDS: usize = 128;
 

@@ -88,6 +88,7 @@ pub struct Writer {
     insert_sql: String,
     /// The records of the open transaction not yet inserted: they go in as one block.
     block: BlockWriter,
+    linger: Linger,
     segment_max_bytes: u64,
     /// Bytes of the file in use, measured after the last commit.
     bytes: u64,
@@ -121,6 +122,7 @@ impl Writer {
         let mut w = Self {
             insert_sql: store::insert_block_sql(segments.back().expect("created above").seq),
             block: BlockWriter::new()?,
+            linger: Linger::new(config.commit_linger_records),
             bytes: store::used_bytes(&conn)?,
             conn,
             segment_max_bytes: (config.max_size / 16).clamp(64 * 1024, SEGMENT_MAX_BYTES),
@@ -300,6 +302,8 @@ impl Writer {
         let saved_active_bytes = self.active_bytes;
         let mut open = true;
         let mut count = 0usize;
+        let mut close = Close::Other;
+        let linger = self.linger.target();
 
         let result: Result<(), BufferError> = async {
             self.conn.execute_batch("BEGIN")?;
@@ -318,13 +322,12 @@ impl Writer {
                     }
                     // Nothing waiting. A group big enough already is committed now; a small
                     // one lingers until the deadline, so light traffic still gets few commits
-                    // (few page rewrites on an SD card), but not once nothing has come for a
-                    // quarter of the interval: then its senders are likely waiting for these
-                    // very acks (a window smaller than the linger, one broker connection).
-                    Err(mpsc::error::TryRecvError::Empty)
-                        if count >= self.config.commit_linger_records =>
-                    {
-                        break
+                    // (few page rewrites on an SD card), but not once nothing has come for
+                    // IDLE_COMMIT: then its senders are likely waiting for these very acks (a
+                    // window smaller than the linger, one broker connection).
+                    Err(mpsc::error::TryRecvError::Empty) if count >= linger => {
+                        close = Close::Linger;
+                        break;
                     }
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let idle = Instant::now() + IDLE_COMMIT;
@@ -334,7 +337,12 @@ impl Writer {
                                 open = false;
                                 break;
                             }
-                            Err(_) => break,
+                            Err(_) => {
+                                if idle < deadline {
+                                    close = Close::Idle;
+                                }
+                                break;
+                            }
                         }
                     }
                 };
@@ -353,6 +361,7 @@ impl Writer {
         }
         .await;
 
+        self.linger.observe(close, count);
         match result {
             Ok(()) => {
                 let records: u64 = g.added_records.iter().sum();
@@ -573,6 +582,64 @@ impl Writer {
     }
 }
 
+/// Why a group stopped collecting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// It held the linger and nothing more was waiting.
+    Linger,
+    /// Nothing arrived for IDLE_COMMIT.
+    Idle,
+    /// The interval, the record limit, the bound, or the end of ingest.
+    Other,
+}
+
+/// The linger a group waits for, learned from how groups end. A lone fast sender whose window
+/// is below the configured linger makes every group end idle at the same size (its window):
+/// after three such groups that size becomes the linger, so the next groups commit as soon as
+/// they hold it instead of waiting IDLE_COMMIT each. Any other ending forgets it.
+#[derive(Debug)]
+struct Linger {
+    configured: usize,
+    learned: Option<usize>,
+    last_idle: usize,
+    streak: u32,
+}
+
+impl Linger {
+    fn new(configured: usize) -> Self {
+        Self {
+            configured,
+            learned: None,
+            last_idle: 0,
+            streak: 0,
+        }
+    }
+
+    fn target(&self) -> usize {
+        self.learned.unwrap_or(self.configured)
+    }
+
+    fn observe(&mut self, close: Close, count: usize) {
+        match close {
+            Close::Idle => {
+                if count == self.last_idle {
+                    self.streak += 1;
+                } else {
+                    self.last_idle = count;
+                    self.streak = 1;
+                }
+                self.learned = (self.streak >= 3 && count > 0).then_some(count);
+            }
+            // Groups still end at exactly the learned size: keep it.
+            Close::Linger if Some(count) == self.learned => {}
+            _ => {
+                self.learned = None;
+                self.streak = 0;
+            }
+        }
+    }
+}
+
 /// The state of one group commit.
 struct Group {
     added_records: Vec<u64>,
@@ -587,5 +654,46 @@ fn need(env: &Envelope) -> u64 {
     match &env.records {
         Ok(records) => records.iter().map(|r| r.accounted_bytes()).sum(),
         Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Close, Linger};
+
+    #[test]
+    fn a_lone_senders_window_becomes_the_linger_and_other_endings_forget_it() {
+        let mut l = Linger::new(128);
+        assert_eq!(l.target(), 128);
+        // A sender with a window of 64: groups end idle at 64.
+        l.observe(Close::Idle, 64);
+        l.observe(Close::Idle, 64);
+        assert_eq!(l.target(), 128, "two are not yet a pattern");
+        l.observe(Close::Idle, 64);
+        assert_eq!(l.target(), 64);
+        // Groups now end at the learned size, which keeps it.
+        l.observe(Close::Linger, 64);
+        assert_eq!(l.target(), 64);
+        // More senders: a group holds more when the channel empties.
+        l.observe(Close::Linger, 90);
+        assert_eq!(l.target(), 128);
+        // Idle endings at varying sizes (ordinary light traffic) teach nothing.
+        for n in [12, 30, 12, 7, 30] {
+            l.observe(Close::Idle, n);
+            assert_eq!(l.target(), 128);
+        }
+        for _ in 0..3 {
+            l.observe(Close::Idle, 20);
+        }
+        assert_eq!(l.target(), 20);
+        // The sender slows down: idle endings below the learned size.
+        l.observe(Close::Idle, 11);
+        assert_eq!(l.target(), 128);
+        for _ in 0..3 {
+            l.observe(Close::Idle, 20);
+        }
+        // The interval or any other ending forgets it too.
+        l.observe(Close::Other, 20);
+        assert_eq!(l.target(), 128);
     }
 }
