@@ -596,14 +596,21 @@ enum Close {
 /// The linger a group waits for, learned from how groups end. A lone fast sender whose window
 /// is below the configured linger makes every group end idle at the same size (its window):
 /// after three such groups that size becomes the linger, so the next groups commit as soon as
-/// they hold it instead of waiting IDLE_COMMIT each. Any other ending forgets it.
+/// they hold it instead of waiting IDLE_COMMIT each. Any other ending forgets it, and every
+/// PROBE_EVERY-th group waits for the configured linger again to check the pattern still holds
+/// (moderate traffic from many senders would otherwise keep a small learned size forever,
+/// each group committing as soon as the channel is momentarily empty).
 #[derive(Debug)]
 struct Linger {
     configured: usize,
     learned: Option<usize>,
     last_idle: usize,
     streak: u32,
+    since_probe: u32,
+    probing: bool,
 }
+
+const PROBE_EVERY: u32 = 16;
 
 impl Linger {
     fn new(configured: usize) -> Self {
@@ -612,30 +619,52 @@ impl Linger {
             learned: None,
             last_idle: 0,
             streak: 0,
+            since_probe: 0,
+            probing: false,
         }
     }
 
-    fn target(&self) -> usize {
-        self.learned.unwrap_or(self.configured)
+    /// The linger for the next group.
+    fn target(&mut self) -> usize {
+        match self.learned {
+            Some(_) if self.since_probe >= PROBE_EVERY => {
+                self.probing = true;
+                self.configured
+            }
+            Some(learned) => learned,
+            None => self.configured,
+        }
     }
 
+    /// How the group that [`Self::target`] was asked for ended, holding `count` records.
     fn observe(&mut self, close: Close, count: usize) {
-        match close {
-            Close::Idle => {
-                if count == self.last_idle {
-                    self.streak += 1;
-                } else {
-                    self.last_idle = count;
-                    self.streak = 1;
-                }
-                self.learned = (self.streak >= 3 && count > 0).then_some(count);
+        let probing = std::mem::take(&mut self.probing);
+        if let Some(learned) = self.learned {
+            let holds = if probing {
+                close == Close::Idle && count == learned
+            } else {
+                close == Close::Linger && count == learned
+            };
+            if holds {
+                self.since_probe = if probing { 0 } else { self.since_probe + 1 };
+                return;
             }
-            // Groups still end at exactly the learned size: keep it.
-            Close::Linger if Some(count) == self.learned => {}
-            _ => {
-                self.learned = None;
-                self.streak = 0;
-            }
+            self.learned = None;
+            self.streak = 0;
+        }
+        if close != Close::Idle {
+            self.streak = 0;
+            return;
+        }
+        if count == self.last_idle {
+            self.streak += 1;
+        } else {
+            self.last_idle = count;
+            self.streak = 1;
+        }
+        if self.streak >= 3 && count > 0 {
+            self.learned = Some(count);
+            self.since_probe = 0;
         }
     }
 }
@@ -659,41 +688,65 @@ fn need(env: &Envelope) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Close, Linger};
+    use super::{Close, Linger, PROBE_EVERY};
 
     #[test]
     fn a_lone_senders_window_becomes_the_linger_and_other_endings_forget_it() {
         let mut l = Linger::new(128);
+        let group = |l: &mut Linger, close: Close, count: usize| {
+            let target = l.target();
+            l.observe(close, count);
+            target
+        };
         assert_eq!(l.target(), 128);
+        l.observe(Close::Other, 0);
         // A sender with a window of 64: groups end idle at 64.
-        l.observe(Close::Idle, 64);
-        l.observe(Close::Idle, 64);
-        assert_eq!(l.target(), 128, "two are not yet a pattern");
-        l.observe(Close::Idle, 64);
-        assert_eq!(l.target(), 64);
-        // Groups now end at the learned size, which keeps it.
-        l.observe(Close::Linger, 64);
-        assert_eq!(l.target(), 64);
+        assert_eq!(group(&mut l, Close::Idle, 64), 128);
+        assert_eq!(group(&mut l, Close::Idle, 64), 128);
+        assert_eq!(
+            group(&mut l, Close::Idle, 64),
+            128,
+            "two are not yet a pattern"
+        );
+        // Learned: groups now end at the learned size, which keeps it, and a probe now and then
+        // (configured linger again) ends idle at the same size.
+        for n in 0..40 {
+            let target = l.target();
+            if target == 128 {
+                assert!(n >= PROBE_EVERY as usize, "probe after {n}");
+                l.observe(Close::Idle, 64);
+            } else {
+                assert_eq!(target, 64);
+                l.observe(Close::Linger, 64);
+            }
+        }
+        assert_eq!(group(&mut l, Close::Linger, 64), 64);
         // More senders: a group holds more when the channel empties.
-        l.observe(Close::Linger, 90);
+        assert_eq!(group(&mut l, Close::Linger, 90), 64);
         assert_eq!(l.target(), 128);
+        l.observe(Close::Other, 100);
         // Idle endings at varying sizes (ordinary light traffic) teach nothing.
         for n in [12, 30, 12, 7, 30] {
-            l.observe(Close::Idle, n);
-            assert_eq!(l.target(), 128);
+            assert_eq!(group(&mut l, Close::Idle, n), 128);
         }
+        // The interval or any other ending forgets it.
         for _ in 0..3 {
-            l.observe(Close::Idle, 20);
+            group(&mut l, Close::Idle, 20);
         }
-        assert_eq!(l.target(), 20);
-        // The sender slows down: idle endings below the learned size.
-        l.observe(Close::Idle, 11);
+        assert_eq!(group(&mut l, Close::Other, 20), 20);
         assert_eq!(l.target(), 128);
+        l.observe(Close::Other, 100);
+
+        // The trap the probe avoids: a size of 1 learned while few devices trickle in, then
+        // steady traffic from many, where a group of 1 commits whenever the channel is empty.
         for _ in 0..3 {
-            l.observe(Close::Idle, 20);
+            group(&mut l, Close::Idle, 1);
         }
-        // The interval or any other ending forgets it too.
-        l.observe(Close::Other, 20);
+        for _ in 0..PROBE_EVERY {
+            assert_eq!(group(&mut l, Close::Linger, 1), 1);
+        }
+        // The probe waits for the configured linger and gets a full group: forgotten.
+        assert_eq!(group(&mut l, Close::Linger, 128), 128);
         assert_eq!(l.target(), 128);
     }
 }
