@@ -207,6 +207,7 @@ struct RawDestination {
     aggregate_size: Option<ByteSize>,
     ordering: Option<String>,
     error_output_root: Option<PathBuf>,
+    put_concurrency: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,9 +369,15 @@ impl Compression {
     }
 }
 
+/// Objects of one batch put at once, by default and at most.
+pub const DEFAULT_PUT_CONCURRENCY: usize = 4;
+pub const MAX_PUT_CONCURRENCY: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct DestinationConfig {
     pub name: String,
+    /// Objects of one batch (dynamic partitions, the error object) put at once.
+    pub put_concurrency: usize,
     pub sink: SinkConfig,
     pub batching: BatchingConfig,
     pub keys: KeyPattern,
@@ -975,6 +982,7 @@ impl RawDestination {
             ("file_extension", self.file_extension.is_some()),
             ("record_delimiter", self.record_delimiter.is_some()),
             ("delivery_stream", self.delivery_stream.is_some()),
+            ("put_concurrency", self.put_concurrency.is_some()),
         ];
         let kinesis_only = [
             ("stream", is_kinesis || self.stream.is_none()),
@@ -1122,8 +1130,16 @@ impl RawDestination {
             }
             None => compression.extension().to_string(),
         };
+        let put_concurrency = self.put_concurrency.unwrap_or(DEFAULT_PUT_CONCURRENCY);
+        if !(1..=MAX_PUT_CONCURRENCY).contains(&put_concurrency) {
+            return Err(ConfigError::new(
+                format!("{key}.put_concurrency"),
+                format!("must be 1..={MAX_PUT_CONCURRENCY}"),
+            ));
+        }
         Ok(DestinationConfig {
             name: name.to_string(),
+            put_concurrency,
             sink,
             batching: BatchingConfig {
                 size,

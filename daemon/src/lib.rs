@@ -12,10 +12,12 @@
 //!    records are put to a stream (`kinesis`); then the destination's position moves and fully
 //!    delivered records are deleted.
 //!
-//! Around them: [`config`] (TOML -> validated `Config`), [`admin`] (`/healthz`, `/metrics`),
+//! Around them: [`config`] (TOML -> validated `Config`), [`clock`] (wall and monotonic time),
+//! [`admin`] (`/healthz` from [`health`], `/metrics`),
 //! [`shutdown`] (one signal, stages finish in flow order), [`service`] (systemd notify,
 //! watchdog, journal format), [`reload`] (SIGHUP).
 
+pub mod clock;
 pub mod config;
 pub mod message;
 
@@ -29,6 +31,7 @@ pub mod batching;
 pub mod sinks;
 
 pub mod admin;
+pub mod health;
 pub mod metrics;
 pub mod reload;
 pub mod service;
@@ -57,6 +60,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
     metrics::describe();
 
     let (trigger, shutdown) = shutdown::channel();
+    let health = health::Health::default();
 
     // The buffer first: nothing is accepted before it can be stored.
     let buffer = buffer::open(&config)
@@ -97,6 +101,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
                 committed: buffer.committed.clone(),
                 hints: hints_rx,
                 shutdown: shutdown.clone(),
+                health: health.clone(),
             }
             .run(),
         );
@@ -107,7 +112,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
 
     let admin = match config.admin.listen {
         Some(addr) => Some(tokio::spawn(
-            admin::serve(addr, metrics_handle, shutdown.clone()).await?,
+            admin::serve(addr, metrics_handle, health.clone(), shutdown.clone()).await?,
         )),
         None => None,
     };

@@ -28,6 +28,9 @@ pub const KINESIS_REQUESTS: &str = "edgehose_kinesis_requests_total";
 pub const KINESIS_PUT_UNITS: &str = "edgehose_kinesis_put_units_total";
 pub const KINESIS_FAILED_ENTRIES: &str = "edgehose_kinesis_failed_entries_total";
 pub const RESENT_RECORDS: &str = "edgehose_records_resent_total";
+pub const RESENT_OBJECTS: &str = "edgehose_objects_resent_total";
+pub const THROTTLED: &str = "edgehose_destination_throttled_total";
+pub const BACKLOG_BYTES: &str = "edgehose_destination_backlog_bytes";
 
 pub fn describe() {
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
@@ -84,6 +87,11 @@ pub fn describe() {
         "Committed records a destination has not delivered yet"
     );
     describe_gauge!(
+        BACKLOG_BYTES,
+        Unit::Bytes,
+        "Bytes (before compression, delimiters included) of committed records a destination has not delivered yet"
+    );
+    describe_gauge!(
         BACKLOG_AGE,
         Unit::Seconds,
         "Age of the oldest record a destination has not delivered yet (0 when caught up)"
@@ -104,6 +112,14 @@ pub fn describe() {
     );
     describe_counter!(
         RESENT_RECORDS,
-        "Records sent again although the destination may already hold them (possible duplicates)"
+        "Records sent again although the destination may already hold them (for objects: put again under the same key; for Kinesis: possible duplicates)"
+    );
+    describe_counter!(
+        RESENT_OBJECTS,
+        "Objects put again under the same key (a retry, or a batch replayed after a restart)"
+    );
+    describe_counter!(
+        THROTTLED,
+        "Times a destination's endpoint asked it to slow down (not counted as delivery errors)"
     );
 }

@@ -529,30 +529,28 @@ fn io_error(e: std::io::Error) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
 }
 
-/// What is pending for `streams` after `after`: (records, payload bytes).
-pub fn pending(conn: &Connection, streams: &[i64], after: i64) -> rusqlite::Result<(u64, u64)> {
-    let mut n = 0;
-    let mut bytes = 0;
-    scan(conn, streams, after, None, |row| {
-        n += 1;
-        bytes += row.payload.len() as u64;
-        ControlFlow::Continue(())
-    })?;
-    Ok((n, bytes))
-}
-
-/// Arrival time of the first record of `streams` after `after`.
-pub fn oldest_arrival(
+/// What is pending for `streams` after `after`: (records, payload bytes, arrival stamp of the
+/// first).
+pub fn backlog(
     conn: &Connection,
     streams: &[i64],
     after: i64,
-) -> rusqlite::Result<Option<i64>> {
+) -> rusqlite::Result<(u64, u64, Option<i64>)> {
+    let mut n = 0;
+    let mut bytes = 0;
     let mut oldest = None;
     scan(conn, streams, after, None, |row| {
-        oldest = Some(row.arrival_ms);
-        ControlFlow::Break(())
+        n += 1;
+        bytes += row.payload.len() as u64;
+        oldest.get_or_insert(row.arrival_ms);
+        ControlFlow::Continue(())
     })?;
-    Ok(oldest)
+    Ok((n, bytes, oldest))
+}
+
+/// What is pending for `streams` after `after`: (records, payload bytes).
+pub fn pending(conn: &Connection, streams: &[i64], after: i64) -> rusqlite::Result<(u64, u64)> {
+    backlog(conn, streams, after).map(|(n, bytes, _)| (n, bytes))
 }
 
 #[cfg(test)]
@@ -637,7 +635,7 @@ mod tests {
         .unwrap();
         assert_eq!(ids, [6]);
         assert_eq!(pending(&conn, &[0, 1], 6).unwrap().0, 6);
-        assert_eq!(oldest_arrival(&conn, &[1], 9).unwrap(), Some(110));
+        assert_eq!(backlog(&conn, &[1], 9).unwrap().2, Some(110));
         drop_segment(&conn, 1).unwrap();
         assert_eq!(pending(&conn, &[0, 1], 0).unwrap().0, 8);
 

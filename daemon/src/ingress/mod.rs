@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use tracing::warn;
 
-use crate::batching::now_ms;
+use crate::clock::now_ms;
 use crate::message::{Ack, Envelope, NewRecord};
 use crate::routing::Router;
 

@@ -91,3 +91,47 @@ where
         ),
     }
 }
+
+/// Error codes with which AWS services ask a client to slow down.
+const THROTTLING_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestLimitExceeded",
+    "RequestThrottled",
+    "ProvisionedThroughputExceededException",
+    "LimitExceededException",
+    "TooManyRequestsException",
+];
+
+/// An SDK error as a sink error: throttling (a throttling code, HTTP 429 or 503, with the
+/// response's `Retry-After` seconds when given) is told apart from failures.
+pub fn sink_error<E>(
+    op: &str,
+    err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> super::SinkError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let message = describe(op, err);
+    let code = match err {
+        SdkError::ServiceError(e) => e.err().code().map(str::to_string),
+        _ => None,
+    };
+    let raw = err.raw_response();
+    let status = raw.map(|r| r.status().as_u16());
+    let throttled = code.as_deref().is_some_and(|c| THROTTLING_CODES.contains(&c))
+        || matches!(status, Some(429 | 503));
+    if throttled {
+        let retry_after = raw
+            .and_then(|r| r.headers().get("retry-after"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_secs);
+        return super::SinkError::Throttled {
+            message,
+            retry_after,
+        };
+    }
+    super::SinkError::Remote(message)
+}

@@ -33,6 +33,23 @@ impl FileSink {
         format!("file://{}", self.root.join(&self.bucket).display())
     }
 
+    /// The bucket directory exists (or can be made) and is a directory.
+    pub async fn check(&self) -> Result<(), SinkError> {
+        let dir = self.root.join(&self.bucket);
+        tokio::task::spawn_blocking(move || -> Result<(), SinkError> {
+            std::fs::create_dir_all(&dir)?;
+            if !std::fs::metadata(&dir)?.is_dir() {
+                return Err(SinkError::Io(std::io::Error::other(format!(
+                    "{} is not a directory",
+                    dir.display()
+                ))));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| SinkError::Io(std::io::Error::other(e)))?
+    }
+
     pub async fn put(&self, staged: &Path, key: &str) -> Result<(), SinkError> {
         let target = self.root.join(&self.bucket).join(key);
         let staged = staged.to_path_buf();

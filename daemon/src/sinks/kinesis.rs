@@ -1,8 +1,9 @@
 //! The `kinesis` sink: PutRecords to a Kinesis data stream within every limit (AWS-SEMANTICS
 //! 11-17): at most 500 entries and 5 MiB per request, 1 MiB per record with its key.
 //!
-//! A batch is delivered whole before the destination moves on. After a partial failure only the
-//! failed entries are sent again, after a backoff with jitter (longer when Kinesis throttles).
+//! A batch is delivered whole before the destination moves on, one request at a time
+//! ([`KinesisSink::put_round`]). After a partial failure only the failed entries are sent again;
+//! the destination loop waits before each resend (longer while nothing gets through).
 //! With `ordering = "per_key"` (the default) a request carries at most one entry per partition
 //! key — per shard when aggregating — so a failed entry can never be overtaken by a later
 //! record of its key, and each device's records keep their order in the stream.
@@ -14,15 +15,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
-use rand::Rng;
 use tracing::{debug, info, warn};
 
-use super::aws::{describe, endpoint_label, sdk_config};
+use super::aws::{describe, endpoint_label, sdk_config, sink_error};
 use super::kpl::{self, Aggregator};
 use crate::config::{KinesisConfig, Ordering, KINESIS_MAX_RECORD};
 use crate::metrics as m;
@@ -34,10 +33,6 @@ pub const MAX_KEY_CHARS: usize = 256;
 /// Kinesis bills provisioned PUTs in 25 KB payload units (AWS-SEMANTICS 16).
 pub const PUT_UNIT: usize = 25 * 1024;
 
-const THROTTLE_MIN: Duration = Duration::from_millis(100);
-const THROTTLE_MAX: Duration = Duration::from_secs(5);
-const FAILURE_MIN: Duration = Duration::from_secs(1);
-const FAILURE_MAX: Duration = Duration::from_secs(60);
 
 /// One buffered record on its way to Kinesis.
 #[derive(Debug, Clone)]
@@ -46,6 +41,15 @@ pub struct Rec {
     pub arrival_ms: i64,
     pub key: String,
     pub data: Vec<u8>,
+}
+
+/// What one PutRecords round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Kinesis took some of the entries.
+    pub progressed: bool,
+    /// Some entries failed for lack of throughput.
+    pub throttled: bool,
 }
 
 /// What delivering a batch took.
@@ -58,8 +62,6 @@ pub struct Delivered {
     pub retried_entries: u64,
     /// Records sent a second time although Kinesis took them once (a stale shard map).
     pub duplicates: u64,
-    /// Records Kinesis can never accept, with the reason; they go to the error output.
-    pub rejected: Vec<(Rec, &'static str, String)>,
 }
 
 /// Why a record can never be put.
@@ -191,140 +193,102 @@ impl KinesisSink {
             .clone()
     }
 
-    /// Puts every record of the batch, retrying failed entries until all are in. Records that
-    /// can never be put are returned in `rejected` for the error output.
-    pub async fn deliver(&self, batch: Vec<Rec>, destination: &str) -> Delivered {
-        let mut out = Delivered::default();
-        let mut pending: Vec<Rec> = Vec::with_capacity(batch.len());
-        for rec in batch {
-            match invalid(&rec) {
-                Some((code, why)) => out.rejected.push((rec, code, why)),
-                None => pending.push(rec),
-            }
-        }
+    /// Sends one PutRecords request built from the front of `pending` (in order, within the
+    /// limits and the ordering rule) and removes from `pending` what Kinesis took. A request
+    /// that fails whole is an error; entries that fail are left in `pending` for the caller to
+    /// send again after a wait (the destination loop decides how long).
+    pub async fn put_round(
+        &self,
+        pending: &mut Vec<Rec>,
+        stats: &mut Delivered,
+        destination: &str,
+    ) -> Result<Round, super::SinkError> {
         if self.config.aggregation && self.shard_map().is_none() {
             // Without the shard map aggregates group by partition key, which is always safe.
             if let Ok(map) = self.load_shards().await {
                 *self.shards.lock().unwrap_or_else(|p| p.into_inner()) = Some(map);
             }
         }
-        let mut throttle_delay = THROTTLE_MIN;
-        let mut failure_delay = FAILURE_MIN;
-        while !pending.is_empty() {
-            let map = if self.config.aggregation {
-                self.shard_map()
-            } else {
-                None
-            };
-            let entries = self.build_request(&pending, map.as_ref());
-            let request: Vec<PutRecordsRequestEntry> = entries
-                .iter()
-                .filter_map(|e| {
-                    let data = match &e.agg {
-                        Some(a) => a.encode(),
-                        None => pending[e.members[0]].data.clone(),
-                    };
-                    PutRecordsRequestEntry::builder()
-                        .data(Blob::new(data))
-                        .partition_key(&e.key)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            out.requests += 1;
-            let sent = self
-                .client
-                .put_records()
-                .stream_name(&self.config.stream)
-                .set_records(Some(request))
-                .send()
-                .await;
-            let response = match sent {
-                Ok(r) => r,
-                Err(e) => {
-                    let wait = jitter(failure_delay);
-                    metrics::counter!(m::DELIVERY_ERRORS, "destination" => destination.to_string())
-                        .increment(1);
-                    metrics::gauge!(m::DESTINATION_UP, "destination" => destination.to_string())
-                        .set(0.0);
-                    warn!(
-                        destination,
-                        error = %describe("PutRecords", &e),
-                        pending = pending.len(),
-                        retry_in = ?wait,
-                        "Kinesis request failed; the batch stays buffered and will be retried"
-                    );
-                    tokio::time::sleep(wait).await;
-                    failure_delay = (failure_delay * 2).min(FAILURE_MAX);
-                    continue;
-                }
-            };
-            failure_delay = FAILURE_MIN;
-            metrics::gauge!(m::DESTINATION_UP, "destination" => destination.to_string()).set(1.0);
-            let mut done: HashSet<usize> = HashSet::new();
-            let mut throttled = false;
-            let mut failed = 0u64;
-            let mut stale = false;
-            for (entry, result) in entries.iter().zip(response.records()) {
-                if let Some(code) = result.error_code() {
-                    failed += 1;
-                    throttled |= code == "ProvisionedThroughputExceededException";
-                    debug!(destination, code, message = ?result.error_message(), "entry failed");
-                    continue;
-                }
-                if let (Some(expected), Some(got)) = (&entry.expected_shard, result.shard_id()) {
-                    if expected != got {
-                        // Kinesis put the aggregate elsewhere: the shard map is stale, and a
-                        // consumer would drop the sub-records that do not belong there.
-                        stale = true;
-                        out.duplicates += entry.members.len() as u64;
-                        continue;
-                    }
-                }
-                out.kinesis_records += 1;
-                out.put_units += entry.bytes.div_ceil(PUT_UNIT) as u64;
-                done.extend(entry.members.iter().copied());
-            }
-            // Entries the response did not account for (it should list all) count as failed.
-            failed += entries.len().saturating_sub(response.records().len()) as u64;
-            out.retried_entries += failed;
-            if failed > 0 {
-                metrics::counter!(m::KINESIS_FAILED_ENTRIES, "destination" => destination.to_string())
-                    .increment(failed);
-            }
-            if stale {
-                warn!(destination, "Kinesis placed an aggregate on another shard; reloading the shard map and resending its records");
-                match self.load_shards().await {
-                    Ok(map) => *self.shards.lock().unwrap_or_else(|p| p.into_inner()) = Some(map),
-                    Err(e) => {
-                        warn!(destination, error = %e, "cannot reload the shard map; aggregating by partition key");
-                        *self.shards.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    }
-                }
-            }
-            let mut i = 0;
-            pending.retain(|_| {
-                let keep = !done.contains(&i);
-                i += 1;
-                keep
-            });
-            // Failed entries wait before they go again. The wait doubles while nothing gets
-            // through and halves while some does, so a throttled shard is not hammered and a
-            // mostly healthy stream is not slowed down.
-            if failed > 0 {
-                throttle_delay = if done.is_empty() {
-                    (throttle_delay * 2).min(THROTTLE_MAX)
-                } else {
-                    (throttle_delay / 2).max(THROTTLE_MIN)
+        let map = if self.config.aggregation {
+            self.shard_map()
+        } else {
+            None
+        };
+        let entries = self.build_request(pending, map.as_ref());
+        let request: Vec<PutRecordsRequestEntry> = entries
+            .iter()
+            .filter_map(|e| {
+                let data = match &e.agg {
+                    Some(a) => a.encode(),
+                    None => pending[e.members[0]].data.clone(),
                 };
-                let wait = jitter(throttle_delay);
-                debug!(destination, failed, throttled, retry_in = ?wait, "backing off before resending failed entries");
-                tokio::time::sleep(wait).await;
-            } else {
-                throttle_delay = THROTTLE_MIN;
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(data))
+                    .partition_key(&e.key)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        stats.requests += 1;
+        let response = self
+            .client
+            .put_records()
+            .stream_name(&self.config.stream)
+            .set_records(Some(request))
+            .send()
+            .await
+            .map_err(|e| sink_error("PutRecords", &e))?;
+        let mut done: HashSet<usize> = HashSet::new();
+        let mut throttled = false;
+        let mut failed = 0u64;
+        let mut stale = false;
+        for (entry, result) in entries.iter().zip(response.records()) {
+            if let Some(code) = result.error_code() {
+                failed += 1;
+                throttled |= code == "ProvisionedThroughputExceededException";
+                debug!(destination, code, message = ?result.error_message(), "entry failed");
+                continue;
+            }
+            if let (Some(expected), Some(got)) = (&entry.expected_shard, result.shard_id()) {
+                if expected != got {
+                    // Kinesis put the aggregate elsewhere: the shard map is stale, and a
+                    // consumer would drop the sub-records that do not belong there.
+                    stale = true;
+                    stats.duplicates += entry.members.len() as u64;
+                    continue;
+                }
+            }
+            stats.kinesis_records += 1;
+            stats.put_units += entry.bytes.div_ceil(PUT_UNIT) as u64;
+            done.extend(entry.members.iter().copied());
+        }
+        // Entries the response did not account for (it should list all) count as failed.
+        failed += entries.len().saturating_sub(response.records().len()) as u64;
+        stats.retried_entries += failed;
+        if failed > 0 {
+            metrics::counter!(m::KINESIS_FAILED_ENTRIES, "destination" => destination.to_string())
+                .increment(failed);
+        }
+        if stale {
+            warn!(destination, "Kinesis placed an aggregate on another shard; reloading the shard map and resending its records");
+            match self.load_shards().await {
+                Ok(map) => *self.shards.lock().unwrap_or_else(|p| p.into_inner()) = Some(map),
+                Err(e) => {
+                    warn!(destination, error = %e, "cannot reload the shard map; aggregating by partition key");
+                    *self.shards.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
             }
         }
-        out
+        let mut i = 0;
+        pending.retain(|_| {
+            let keep = !done.contains(&i);
+            i += 1;
+            keep
+        });
+        Ok(Round {
+            progressed: !done.is_empty(),
+            throttled,
+        })
     }
 
     /// Chooses the next request's entries from the pending records, in order, within the
@@ -433,9 +397,6 @@ enum Group<'a> {
     Shard(usize),
 }
 
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::rng().random_range(0.5..1.0))
-}
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 
-use super::aws::{custom_endpoint, describe, endpoint_label, sdk_config};
+use super::aws::{custom_endpoint, describe, endpoint_label, sdk_config, sink_error};
 use super::SinkError;
 use crate::config::{Compression, S3Config};
 
@@ -95,7 +95,7 @@ impl S3Sink {
             .body(body)
             .send()
             .await
-            .map_err(|e| SinkError::Remote(describe("PutObject", &e)))?;
+            .map_err(|e| sink_error("PutObject", &e))?;
         Ok(())
     }
 
@@ -109,7 +109,7 @@ impl S3Sink {
             .set_content_encoding(self.content_encoding.map(str::to_string))
             .send()
             .await
-            .map_err(|e| SinkError::Remote(describe("CreateMultipartUpload", &e)))?;
+            .map_err(|e| sink_error("CreateMultipartUpload", &e))?;
         let Some(upload_id) = upload.upload_id() else {
             return Err(SinkError::Remote(
                 "CreateMultipartUpload returned no upload id".into(),
@@ -139,7 +139,7 @@ impl S3Sink {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| SinkError::Remote(describe("UploadPart", &e)))?;
+                    .map_err(|e| sink_error("UploadPart", &e))?;
                 parts.push(
                     CompletedPart::builder()
                         .part_number(number)
@@ -161,7 +161,7 @@ impl S3Sink {
                 )
                 .send()
                 .await
-                .map_err(|e| SinkError::Remote(describe("CompleteMultipartUpload", &e)))?;
+                .map_err(|e| sink_error("CompleteMultipartUpload", &e))?;
             Ok(())
         }
         .await;

@@ -182,7 +182,7 @@ pub fn error_record(arrival_ms: i64, code: &str, message: &str, payload: &[u8]) 
         "arrivalTimestamp": arrival_ms,
         "errorCode": code,
         "errorMessage": message,
-        "attemptEndingTimestamp": super::now_ms(),
+        "attemptEndingTimestamp": crate::clock::now_ms(),
         "rawData": base64::engine::general_purpose::STANDARD.encode(payload),
     }))
     .unwrap_or_default();
