@@ -31,6 +31,7 @@ pub mod batching;
 pub mod sinks;
 
 pub mod admin;
+pub mod failpoint;
 pub mod health;
 pub mod metrics;
 pub mod reload;

@@ -8,7 +8,10 @@ ProvisionedThroughputExceededException in its place, so the response is exactly 
 returns on a partial failure. S3 PUT (object or part): with the given probability the request
 fails with 500 InternalError, half of those BEFORE forwarding and half AFTER the emulator
 stored it (a timeout after success, the case that tempts a client into writing a second copy).
-Counts are printed to stdout as one JSON line per fault and summarised at /__stats.
+  --down-after-puts N: after N S3 PUTs went through, the endpoint is "down": every request
+  (HEAD included) gets 500 InternalError until a GET of /__heal (an endpoint dying in the
+  middle of a flush and coming back). /__down takes it down at once.
+Counts are summarised at /__stats.
 """
 import argparse
 import base64
@@ -20,7 +23,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 stats = {"kinesis_entries": 0, "kinesis_failed": 0, "s3_puts": 0, "s3_failed_before": 0,
-         "s3_failed_after": 0}
+         "s3_failed_after": 0, "refused_while_down": 0, "down": False}
 lock = threading.Lock()
 
 
@@ -31,6 +34,7 @@ def main():
     p.add_argument("--kinesis-fail", type=float, default=0.0)
     p.add_argument("--s3-fail", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--down-after-puts", type=int, default=-1)
     args = p.parse_args()
     rng = random.Random(args.seed)
 
@@ -86,6 +90,23 @@ def main():
                 with lock:
                     data = json.dumps(stats).encode()
                 return self.reply(200, [("Content-Type", "application/json")], data)
+            if self.path in ("/__heal", "/__down"):
+                with lock:
+                    stats["down"] = self.path == "/__down"
+                    args.down_after_puts = -1
+                return self.reply(200, [], b"ok")
+            is_s3_put = self.command == "PUT" and not target
+            with lock:
+                if is_s3_put and args.down_after_puts >= 0:
+                    if stats["s3_puts"] >= args.down_after_puts:
+                        stats["down"] = True
+                    else:
+                        stats["s3_puts"] += 1
+                down = stats["down"]
+                if down:
+                    stats["refused_while_down"] += 1
+            if down:
+                return self.s3_error()
             if target.endswith(".PutRecords") and args.kinesis_fail > 0:
                 req = json.loads(body)
                 keep, failed = [], []
@@ -110,7 +131,6 @@ def main():
                        "Records": results}
                 return self.reply(200, [("Content-Type", "application/x-amz-json-1.1")],
                                   json.dumps(out).encode())
-            is_s3_put = self.command == "PUT" and not target
             if is_s3_put and args.s3_fail > 0:
                 with lock:
                     stats["s3_puts"] += 1

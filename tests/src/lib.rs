@@ -134,7 +134,7 @@ impl Default for Setup {
 /// One `edgehose run` process with its scratch directory.
 pub struct Gateway {
     pub dir: PathBuf,
-    env: Vec<(&'static str, String)>,
+    pub env: Vec<(&'static str, String)>,
     pub mqtt_port: u16,
     pub admin_port: u16,
     pub config_path: PathBuf,

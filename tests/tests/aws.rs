@@ -585,3 +585,164 @@ fn an_endpoint_in_the_config_beats_the_environment() {
     assert!(gw.terminate().unwrap().success());
     assert_exactly_once(&bucket_seqs(&moto, false).1, 2, 20, "dev");
 }
+
+/// A partitioned gzip destination whose objects (one per device) go through a proxy that dies
+/// after a few PUTs, in the middle of a flush.
+fn partitioned_setup(endpoint: &str) -> Setup {
+    Setup {
+        destination: Some(s3_destination(
+            endpoint,
+            "prefix = \"device=!{partitionKeyFromQuery:device}/\"\n\
+             error_output_prefix = \"errors/!{firehose:error-output-type}/\"\n\
+             compression = \"gzip\"\nput_concurrency = 2\n",
+        )),
+        shutdown_timeout: "60s",
+        ..Setup::default()
+    }
+}
+
+/// (device, seq) of every record in the partitioned bucket, and the number of objects.
+fn partitioned_seqs(moto: &Moto) -> (usize, Vec<(String, u64)>) {
+    let objects = moto.objects(BUCKET).unwrap();
+    let mut lines = Vec::new();
+    for o in &objects {
+        assert!(o.key.starts_with("device="), "{}", o.key);
+        lines.extend(
+            gunzip(&o.body)
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec),
+        );
+    }
+    (objects.len(), seqs_of(lines.iter().map(Vec::as_slice)))
+}
+
+#[test]
+fn an_endpoint_dying_mid_flush_leaves_every_record_once_and_delivery_resumes_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    // 7 objects of the first flush (20 partitions) go in, then the endpoint is down.
+    let proxy = FaultProxy::start(moto.port, &["--down-after-puts", "7"]).unwrap();
+    let mut gw = Gateway::start(dir.path(), &partitioned_setup(&proxy.endpoint())).unwrap();
+    let s = run_sim(gw.mqtt_port, &["-n", "20", "-m", "50", "--rate", "0"]).unwrap();
+    assert_eq!(s["acknowledged"], 1000);
+    wait_until(Duration::from_secs(30), "the endpoint to go down", || {
+        proxy.stats().is_ok_and(|s| s["down"] == true)
+    })
+    .unwrap();
+    // Devices keep publishing during the outage; the backlog gauges follow the commits.
+    let s = run_sim(
+        gw.mqtt_port,
+        &[
+            "-n",
+            "20",
+            "-m",
+            "50",
+            "--rate",
+            "0",
+            "--first-device",
+            "20",
+        ],
+    )
+    .unwrap();
+    assert_eq!(s["acknowledged"], 1000);
+    let backlog = || gw.metric("edgehose_destination_backlog_records{destination=\"local\"}");
+    wait_until(
+        Duration::from_secs(10),
+        "the backlog gauge to count the new records",
+        || backlog() >= 1000.0,
+    )
+    .unwrap_or_else(|e| panic!("{e}: backlog {}", backlog()));
+    wait_until(Duration::from_secs(30), "a failed delivery", || {
+        gw.metric("edgehose_delivery_errors_total{destination=\"local\"}") >= 1.0
+    })
+    .unwrap();
+    let (status, body) = http_get(gw.admin_port, "/healthz").unwrap();
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "degraded", "{body}");
+    assert_eq!(health["destinations"][0]["up"], false, "{body}");
+    assert!(health["destinations"][0]["down_since_ms"]
+        .as_i64()
+        .is_some());
+    // Let the backoff grow past the probe interval: failures 1, 2, 4, 8 s apart.
+    wait_until(Duration::from_secs(60), "a long backoff", || {
+        gw.metric("edgehose_delivery_errors_total{destination=\"local\"}") >= 5.0
+    })
+    .unwrap();
+    let delivered_before = gw.metric("edgehose_records_delivered_total{destination=\"local\"}");
+    http_get(proxy.port, "/__heal").unwrap();
+    let healed = std::time::Instant::now();
+    wait_until(Duration::from_secs(30), "delivery to resume", || {
+        gw.metric("edgehose_records_delivered_total{destination=\"local\"}") > delivered_before
+    })
+    .unwrap();
+    let resumed = healed.elapsed();
+    assert!(
+        resumed <= Duration::from_secs(5),
+        "delivery resumed {resumed:?} after the endpoint came back"
+    );
+    wait_until(Duration::from_secs(30), "the backlog to drain", || {
+        gw.metric("edgehose_records_delivered_total{destination=\"local\"}") >= 2000.0
+    })
+    .unwrap();
+    // Only the objects that failed were put again (same keys); the 7 that went in were not.
+    let resent = gw.metric("edgehose_objects_resent_total{destination=\"local\"}");
+    assert!((1.0..=13.0).contains(&resent), "{resent} objects resent");
+    assert!(gw.log().contains("delivery recovered"));
+    assert!(gw.terminate().unwrap().success());
+    let (_, seqs) = partitioned_seqs(&moto);
+    assert_exactly_once(&seqs, 40, 50, "dev");
+}
+
+#[test]
+fn a_crash_between_intent_and_delivery_replays_the_same_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).unwrap();
+    moto.create_bucket(BUCKET).unwrap();
+    let mut setup = partitioned_setup(&moto.endpoint());
+    setup.env = vec![("EDGEHOSE_FAILPOINT", "delivery.after-first-put".into())];
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let s = run_sim(gw.mqtt_port, &["-n", "20", "-m", "50", "--rate", "0"]).unwrap();
+    assert_eq!(s["acknowledged"], 1000);
+    // The failpoint aborts the process once the first object of the first flush is in.
+    let status = gw.terminate_wait().unwrap();
+    assert!(!status.success());
+    assert!(gw.log().contains("failpoint delivery.after-first-put"));
+    let (objects_at_crash, _) = partitioned_seqs(&moto);
+    assert!(
+        (1..20).contains(&objects_at_crash),
+        "{objects_at_crash} objects"
+    );
+    let (delivered, intent): (i64, Option<i64>) = rusqlite::Connection::open(gw.db_path())
+        .unwrap()
+        .query_row(
+            "SELECT delivered_id, intent_last FROM destinations",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(delivered, 0);
+    assert!(intent.is_some(), "the batch's intent is in the file");
+    // Restarted without the failpoint: the batch is rebuilt and put under the same keys.
+    gw.env.clear();
+    gw.spawn().unwrap();
+    wait_until(Duration::from_secs(30), "the replay", || {
+        gw.metric("edgehose_records_delivered_total{destination=\"local\"}") >= 1000.0
+    })
+    .unwrap();
+    let resent = gw.metric("edgehose_objects_resent_total{destination=\"local\"}");
+    assert_eq!(
+        resent, 20.0,
+        "every object of the replayed batch is counted as resent"
+    );
+    assert_eq!(
+        gw.metric("edgehose_records_resent_total{destination=\"local\"}"),
+        1000.0
+    );
+    assert!(gw.terminate().unwrap().success());
+    let (objects, seqs) = partitioned_seqs(&moto);
+    assert_eq!(objects, 20, "one object per device, none twice");
+    assert_exactly_once(&seqs, 20, 50, "dev");
+}

@@ -95,7 +95,10 @@ pub struct Report {
 pub enum Attempt {
     Done(Report),
     /// Some of the batch is not in yet (Kinesis entries failed or were throttled).
-    Partial { progressed: bool, throttled: bool },
+    Partial {
+        progressed: bool,
+        throttled: bool,
+    },
 }
 
 /// How a destination delivers; the loop does the rest.
@@ -193,6 +196,9 @@ struct Outage {
     retry_at: Instant,
     /// The endpoint failed (not the buffer or staging): probing it can end the wait.
     probe: bool,
+    /// A probe answered but the retry it started failed (the probe is not enough to tell):
+    /// the next wait is the full backoff, without probing.
+    probed_ok: bool,
     logged_at: Instant,
 }
 
@@ -554,6 +560,7 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
                 .intent(f.extent.last_id, f.plan.version)
                 .await?;
             f.recorded = true;
+            crate::failpoint::hit("delivery.after-intent");
         }
         let mut report = Report::default();
         if !f.put {
@@ -648,6 +655,7 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
             delay: RETRY_MIN,
             retry_at: now,
             probe: false,
+            probed_ok: false,
             logged_at: now,
         };
         if let Some(after) = e.throttled() {
@@ -664,14 +672,14 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
         let wait = jitter(o.delay, 0.2);
         o.retry_at = now + wait;
         o.delay = (o.delay * 2).min(RETRY_MAX);
-        o.probe = e.is_endpoint();
+        o.probe = e.is_endpoint() && !std::mem::take(&mut o.probed_ok);
         let message = e.to_string();
         if first {
             o.logged_at = now;
             if e.is_endpoint() {
                 warn!(destination = %name, error = %message, retry_in = ?wait, "delivery failed; the batch stays buffered and is retried (the endpoint is probed every 2s)");
             } else {
-                error!(destination = %name, error = %message, retry_in = ?wait, "cannot read or stage the next batch; its records stay buffered and it is retried");
+                error!(destination = %name, error = %message, retry_in = ?wait, "delivery failed: cannot read or stage the next batch; its records stay buffered and it is retried");
             }
         } else if now.duration_since(o.logged_at) >= LOG_EVERY {
             o.logged_at = now;
@@ -752,7 +760,7 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
             info!(destination = %self.name, "the endpoint answers again; retrying now");
             if let Some(o) = &mut self.outage {
                 o.retry_at = Instant::now();
-                o.delay = RETRY_MIN;
+                o.probed_ok = true;
             }
         }
     }

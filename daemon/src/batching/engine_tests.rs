@@ -52,12 +52,14 @@ impl Fake {
     fn new() -> Self {
         Self {
             world: Default::default(),
-            committed: Arc::new(watch::channel(Committed {
-                records: vec![0, 0],
-                payload_bytes: vec![0, 0],
-                ..Default::default()
-            })
-            .0),
+            committed: Arc::new(
+                watch::channel(Committed {
+                    records: vec![0, 0],
+                    payload_bytes: vec![0, 0],
+                    ..Default::default()
+                })
+                .0,
+            ),
             changed: Arc::new(watch::channel(0).0),
         }
     }
@@ -195,7 +197,11 @@ impl Delivery for FakeDelivery {
         }
         let mut chosen: Vec<Rec> = Vec::new();
         let mut bytes = 0;
-        for r in w.records.iter().filter(|r| r.stream == 0 && r.id > plan.after) {
+        for r in w
+            .records
+            .iter()
+            .filter(|r| r.stream == 0 && r.id > plan.after)
+        {
             match plan.until {
                 Some(u) if r.id > u => break,
                 None if !chosen.is_empty() && bytes + r.len > plan.max_bytes => break,
@@ -226,7 +232,9 @@ impl Delivery for FakeDelivery {
         let mut w = self.0.w();
         w.attempts += 1;
         let result = if w.down {
-            Err(DeliveryError::Sink(SinkError::Remote("connection refused".into())))
+            Err(DeliveryError::Sink(SinkError::Remote(
+                "connection refused".into(),
+            )))
         } else if w.partial > 0 && batch.left > 1 {
             w.partial -= 1;
             batch.left /= 2;
@@ -235,8 +243,7 @@ impl Delivery for FakeDelivery {
                 throttled: true,
             })
         } else {
-            w.puts
-                .push((batch.first, batch.extent.last_id, batch.plan));
+            w.puts.push((batch.first, batch.extent.last_id, batch.plan));
             Ok(Attempt::Done(Report {
                 objects: 1,
                 resent_records: if batch.plan.replay {
@@ -256,7 +263,9 @@ impl Delivery for FakeDelivery {
         let mut w = self.0.w();
         w.probes += 1;
         if w.down {
-            Err(DeliveryError::Sink(SinkError::Remote("connection refused".into())))
+            Err(DeliveryError::Sink(SinkError::Remote(
+                "connection refused".into(),
+            )))
         } else {
             Ok(())
         }

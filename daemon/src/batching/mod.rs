@@ -174,4 +174,3 @@ fn unusable(name: &str, sink: &str, e: &SinkError) {
         "destination is not usable yet; records stay buffered and delivery is retried"
     );
 }
-

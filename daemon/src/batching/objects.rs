@@ -122,7 +122,11 @@ impl Delivery for ObjectDelivery {
         let results: Vec<(usize, Result<(), crate::sinks::SinkError>)> = stream::iter(todo)
             .map(|i| async move {
                 let o = &objects[i];
-                (i, sink.put(&o.path, &o.key).await)
+                let result = sink.put(&o.path, &o.key).await;
+                if result.is_ok() {
+                    crate::failpoint::hit("delivery.after-first-put");
+                }
+                (i, result)
             })
             .buffer_unordered(self.concurrency.max(1))
             .collect()

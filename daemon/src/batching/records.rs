@@ -98,14 +98,29 @@ impl Delivery for RecordDelivery {
     }
 
     async fn attempt(&mut self, batch: &mut RecordBatch) -> Result<Attempt, DeliveryError> {
-        if !batch.pending.is_empty() {
+        // Requests follow each other at once while every entry goes in; entries that fail
+        // end the attempt, and the destination loop waits before resending them.
+        let mut progressed = false;
+        while !batch.pending.is_empty() {
             let round = self
                 .sink
                 .put_round(&mut batch.pending, &mut batch.stats, &self.name)
-                .await?;
-            if !batch.pending.is_empty() {
+                .await;
+            let round = match round {
+                Ok(r) => r,
+                // What went in stays in: report progress first, the error on the next attempt.
+                Err(_) if progressed => {
+                    return Ok(Attempt::Partial {
+                        progressed,
+                        throttled: false,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
+            progressed |= round.progressed;
+            if round.failed > 0 {
                 return Ok(Attempt::Partial {
-                    progressed: round.progressed,
+                    progressed,
                     throttled: round.throttled,
                 });
             }
@@ -128,13 +143,17 @@ impl Delivery for RecordDelivery {
         let name = self.name.clone();
         metrics::counter!(m::KINESIS_RECORDS, "destination" => name.clone())
             .increment(s.kinesis_records);
-        metrics::counter!(m::KINESIS_REQUESTS, "destination" => name.clone())
-            .increment(s.requests);
+        metrics::counter!(m::KINESIS_REQUESTS, "destination" => name.clone()).increment(s.requests);
         metrics::counter!(m::KINESIS_PUT_UNITS, "destination" => name.clone())
             .increment(s.put_units);
         debug!(destination = %name, records = batch.extent.records, kinesis_records = s.kinesis_records, requests = s.requests, retried = s.retried_entries, "batch put");
         // A replayed batch may already be in the stream: Kinesis has no idempotent put.
-        report.resent_records = s.duplicates + if batch.replay { batch.extent.records } else { 0 };
+        report.resent_records = s.duplicates
+            + if batch.replay {
+                batch.extent.records
+            } else {
+                0
+            };
         Ok(Attempt::Done(report))
     }
 

@@ -121,7 +121,9 @@ where
     };
     let raw = err.raw_response();
     let status = raw.map(|r| r.status().as_u16());
-    let throttled = code.as_deref().is_some_and(|c| THROTTLING_CODES.contains(&c))
+    let throttled = code
+        .as_deref()
+        .is_some_and(|c| THROTTLING_CODES.contains(&c))
         || matches!(status, Some(429 | 503));
     if throttled {
         let retry_after = raw

@@ -33,7 +33,6 @@ pub const MAX_KEY_CHARS: usize = 256;
 /// Kinesis bills provisioned PUTs in 25 KB payload units (AWS-SEMANTICS 16).
 pub const PUT_UNIT: usize = 25 * 1024;
 
-
 /// One buffered record on its way to Kinesis.
 #[derive(Debug, Clone)]
 pub struct Rec {
@@ -50,6 +49,8 @@ pub struct Round {
     pub progressed: bool,
     /// Some entries failed for lack of throughput.
     pub throttled: bool,
+    /// Entries that failed (they stay pending).
+    pub failed: u64,
 }
 
 /// What delivering a batch took.
@@ -288,6 +289,7 @@ impl KinesisSink {
         Ok(Round {
             progressed: !done.is_empty(),
             throttled,
+            failed,
         })
     }
 
@@ -396,7 +398,6 @@ enum Group<'a> {
     Key(&'a str),
     Shard(usize),
 }
-
 
 #[cfg(test)]
 mod tests {
