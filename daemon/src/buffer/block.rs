@@ -9,6 +9,10 @@
 //! A record in a block's raw form, in id order (the first has the row's `first_id`):
 //! `varint stream | zigzag varint arrival_ms - previous | varint key length | key |
 //! varint payload length | payload`.
+//!
+//! Every stored byte is checksummed: zstd frames carry their content checksum, and a block
+//! stored uncompressed ends with the CRC-32 of its raw form. Decoding allocates at most
+//! [`MAX_RAW`], a limit known before reading, whatever a damaged frame header claims.
 
 use std::io;
 use std::ops::ControlFlow;
@@ -16,10 +20,17 @@ use std::ops::ControlFlow;
 /// How a block's body is stored (the row's `codec` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
-    /// The raw form as is (what did not get smaller compressed).
+    /// The raw form as is, without a checksum (written by earlier versions; read only).
     Stored = 0,
     Zstd = 1,
+    /// The raw form followed by its CRC-32 (little-endian): what did not get smaller compressed.
+    StoredCrc = 2,
 }
+
+/// The largest raw block a writer can produce: a block is cut once it reaches 1 MiB, so it
+/// holds at most that plus one record (a payload of at most 256 MiB, `ingress.max_payload`'s
+/// ceiling, with its key and framing).
+pub const MAX_RAW: usize = (1 << 20) + (256 << 20) + (64 << 10);
 
 /// zstd's fastest regular level: telemetry already shrinks several times over, and the buffer
 /// writer's thread is the gateway's busiest.
@@ -100,12 +111,14 @@ impl BlockWriter {
         self.compressed.reserve(bound);
         self.compressor
             .compress_to_buffer(&self.raw[..], &mut self.compressed)?;
-        let codec = if self.compressed.len() < self.raw.len() {
+        let codec = if self.compressed.len() < self.raw.len() + 4 {
             Codec::Zstd
         } else {
             // `compressed` holds the body until the next finish either way.
+            let crc = crc32fast::hash(&self.raw);
             std::mem::swap(&mut self.raw, &mut self.compressed);
-            Codec::Stored
+            self.compressed.extend_from_slice(&crc.to_le_bytes());
+            Codec::StoredCrc
         };
         self.raw.clear();
         Ok(Some(Block {
@@ -155,11 +168,23 @@ impl BlockReader {
     ) -> io::Result<ControlFlow<()>> {
         let raw: &[u8] = match codec {
             c if c == Codec::Stored as i64 => body,
+            c if c == Codec::StoredCrc as i64 => {
+                let (raw, crc) = body
+                    .split_last_chunk::<4>()
+                    .ok_or_else(|| corrupt("shorter than its checksum"))?;
+                if crc32fast::hash(raw) != u32::from_le_bytes(*crc) {
+                    return Err(corrupt("checksum mismatch"));
+                }
+                raw
+            }
             c if c == Codec::Zstd as i64 => {
                 let size = zstd::zstd_safe::get_frame_content_size(body)
                     .ok()
                     .flatten()
                     .ok_or_else(|| corrupt("zstd frame without its size"))?;
+                if size > MAX_RAW as u64 {
+                    return Err(corrupt(&format!("zstd frame claims {size} bytes")));
+                }
                 self.raw.clear();
                 self.raw.reserve(size as usize);
                 self.decompressor
@@ -313,14 +338,45 @@ mod tests {
     }
 
     #[test]
-    fn what_does_not_compress_is_stored() {
+    fn what_does_not_compress_is_stored_with_a_checksum() {
         let mut w = BlockWriter::new().unwrap();
         let payload = noise(7, 4096);
         w.push(1, 1, 5, "", &payload);
         let b = w.finish().unwrap().unwrap();
-        assert_eq!(b.codec, Codec::Stored);
-        let body = b.body.to_vec();
-        assert_eq!(read_all(1, Codec::Stored, &body)[0].4, payload);
+        assert_eq!(b.codec, Codec::StoredCrc);
+        let mut body = b.body.to_vec();
+        assert_eq!(read_all(1, Codec::StoredCrc, &body)[0].4, payload);
+        // One flipped bit anywhere is caught.
+        for at in [0, 2000, body.len() - 1] {
+            body[at] ^= 0x04;
+            let err = BlockReader::new()
+                .unwrap()
+                .visit(1, Codec::StoredCrc as i64, &body, |_| {
+                    ControlFlow::Continue(())
+                })
+                .unwrap_err();
+            assert!(err.to_string().contains("checksum"), "{err}");
+            body[at] ^= 0x04;
+        }
+    }
+
+    #[test]
+    fn a_damaged_frame_header_cannot_make_the_reader_allocate_what_it_claims() {
+        let mut w = BlockWriter::new().unwrap();
+        w.push(1, 0, 1, "k", b"payload payload payload payload");
+        let b = w.finish().unwrap().unwrap();
+        assert_eq!(b.codec, Codec::Zstd);
+        let mut body = b.body.to_vec();
+        // Frame header: magic (4), descriptor, [window], content size. Claim 2^56 bytes.
+        let mut huge = body[..5].to_vec();
+        huge[4] = 0xE0 | (body[4] & 0x1F) & !0x03; // 8-byte content size, single segment
+        huge.extend_from_slice(&(1u64 << 56).to_le_bytes());
+        body = huge;
+        let err = BlockReader::new()
+            .unwrap()
+            .visit(1, Codec::Zstd as i64, &body, |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert!(err.to_string().contains("claims"), "{err}");
     }
 
     #[test]

@@ -393,7 +393,10 @@ pub fn scan(
                     Some(r) => r,
                     None => blocks.insert(BlockReader::new().map_err(io_error)?),
                 };
-                scan_blocks(&tx, &seg, reader, streams, after, until, &mut n, &mut visit)?
+                let active = Some(seg.seq) == active;
+                scan_blocks(
+                    &tx, &seg, active, reader, streams, after, until, &mut n, &mut visit,
+                )?
             }
         };
         if flow.is_break() {
@@ -436,39 +439,32 @@ fn scan_rows(
     Ok(ControlFlow::Continue(()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn scan_blocks(
-    tx: &Connection,
-    seg: &Segment,
-    reader: &mut BlockReader,
-    streams: &[i64],
+/// What a block scan needs besides the segment: the reader, the selection and the visitor.
+struct BlockScan<'a, V> {
+    reader: &'a mut BlockReader,
+    streams: &'a [i64],
     after: i64,
     until: i64,
-    n: &mut u64,
-    visit: &mut impl FnMut(RowRef<'_>) -> ControlFlow<()>,
-) -> rusqlite::Result<ControlFlow<()>> {
-    // The block holding `after + 1` starts at or before it: find that start by rowid, then
-    // read forward.
-    let start: Option<i64> = tx
-        .prepare_cached(&format!(
-            "SELECT max(first_id) FROM {} WHERE first_id <= ?1",
-            seg.table()
-        ))?
-        .query_row(params![after.saturating_add(1)], |r| r.get(0))?;
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT first_id, last_id, codec, body FROM {}
-         WHERE first_id >= ?1 AND first_id <= ?2 ORDER BY first_id",
-        seg.table()
-    ))?;
-    let mut rows = stmt.query(params![start.unwrap_or(i64::MIN), until])?;
-    while let Some(row) = rows.next()? {
-        let first_id: i64 = row.get(0)?;
-        let last_id: i64 = row.get(1)?;
-        let codec: i64 = row.get(2)?;
-        let body = row.get_ref(3)?.as_blob()?;
+    n: &'a mut u64,
+    visit: &'a mut V,
+}
+
+impl<V: FnMut(RowRef<'_>) -> ControlFlow<()>> BlockScan<'_, V> {
+    /// Decodes one block's records into the visitor. Ok(Continue) to go on to the next block.
+    fn block(
+        &mut self,
+        seq: i64,
+        first_id: i64,
+        last_id: i64,
+        codec: i64,
+        body: &[u8],
+    ) -> ControlFlow<()> {
+        let (after, until, streams) = (self.after, self.until, self.streams);
+        let n = &mut *self.n;
+        let visit = &mut *self.visit;
         let mut past_until = false;
         let mut visited = first_id - 1;
-        let result = reader.visit(first_id, codec, body, |r| {
+        let result = self.reader.visit(first_id, codec, body, |r| {
             visited = r.id;
             if r.id > until {
                 past_until = true;
@@ -485,28 +481,199 @@ fn scan_blocks(
                 payload: r.payload,
             })
         });
-        let flow = match result {
+        match result {
+            _ if past_until => ControlFlow::Continue(()),
             Ok(flow) => flow,
             Err(e) => {
                 // The disk returned something else than was written. Retrying cannot help and
                 // must not wedge the destinations: the rest of the block is skipped, once
                 // logged and counted.
-                report_corrupt_block(seg.seq, visited + 1, last_id, &e);
+                report_lost(seq, visited + 1, last_id, &e.to_string());
                 ControlFlow::Continue(())
             }
-        };
-        if past_until {
-            return Ok(ControlFlow::Continue(()));
         }
-        if flow.is_break() {
-            return Ok(flow);
+    }
+}
+
+/// SQLite found the file damaged (as opposed to an I/O error, which may pass).
+pub fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// The highest id a segment may hold, for skipping over damage: exact for a closed segment,
+/// else read from its table, else the most a segment can take.
+fn segment_end(tx: &Connection, seg: &Segment, active: bool) -> i64 {
+    if !active {
+        return seg.last_id;
+    }
+    tx.query_row(
+        &format!("SELECT max(last_id) FROM {}", seg.table()),
+        [],
+        |r| r.get::<_, Option<i64>>(0),
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(seg.first_id + SEGMENT_MAX_RECORDS - 1)
+}
+
+/// A segment can hold at most this many records (the writer's cut).
+pub const SEGMENT_MAX_RECORDS: i64 = 65_536;
+
+#[allow(clippy::too_many_arguments)]
+fn scan_blocks(
+    tx: &Connection,
+    seg: &Segment,
+    active: bool,
+    reader: &mut BlockReader,
+    streams: &[i64],
+    after: i64,
+    until: i64,
+    n: &mut u64,
+    visit: &mut impl FnMut(RowRef<'_>) -> ControlFlow<()>,
+) -> rusqlite::Result<ControlFlow<()>> {
+    let mut scan = BlockScan {
+        reader,
+        streams,
+        after,
+        until,
+        n,
+        visit,
+    };
+    // The first id not yet handled.
+    let mut next = seg.first_id;
+    let fast = (|| -> rusqlite::Result<ControlFlow<()>> {
+        // The block holding `after + 1` starts at or before it: find that start by rowid,
+        // then read forward.
+        let start: Option<i64> = tx
+            .prepare_cached(&format!(
+                "SELECT max(first_id) FROM {} WHERE first_id <= ?1",
+                seg.table()
+            ))?
+            .query_row(params![after.saturating_add(1)], |r| r.get(0))?;
+        let start = start.unwrap_or(i64::MIN);
+        next = next.max(start);
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT first_id, last_id, codec, body FROM {}
+             WHERE first_id >= ?1 AND first_id <= ?2 ORDER BY first_id",
+            seg.table()
+        ))?;
+        let mut rows = stmt.query(params![start, until])?;
+        while let Some(row) = rows.next()? {
+            let first_id: i64 = row.get(0)?;
+            let last_id: i64 = row.get(1)?;
+            let codec: i64 = row.get(2)?;
+            let body = row.get_ref(3)?.as_blob()?;
+            let flow = scan.block(seg.seq, first_id, last_id, codec, body);
+            next = last_id + 1;
+            if flow.is_break() {
+                return Ok(flow);
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    })();
+    match fast {
+        Err(e) if is_corruption(&e) => {
+            let end = segment_end(tx, seg, active).min(until);
+            scan_damaged(tx, seg, &mut scan, next, end, &e)
+        }
+        other => other,
+    }
+}
+
+/// Reads a segment whose table SQLite found damaged, one block at a time from `from`: a block
+/// whose body cannot be read, and ids whose blocks cannot even be listed (a damaged leaf page),
+/// are reported lost by id range; everything readable is visited.
+fn scan_damaged(
+    tx: &Connection,
+    seg: &Segment,
+    scan: &mut BlockScan<'_, impl FnMut(RowRef<'_>) -> ControlFlow<()>>,
+    from: i64,
+    end: i64,
+    first_error: &rusqlite::Error,
+) -> rusqlite::Result<ControlFlow<()>> {
+    tracing::error!(segment = seg.seq, from_id = from, error = %first_error, "the buffer file is damaged; reading this segment block by block to save what is readable");
+    let table = seg.table();
+    let next_block = |pos: i64| -> rusqlite::Result<Option<(i64, i64)>> {
+        tx.query_row(
+            &format!("SELECT first_id, last_id FROM {table} WHERE first_id >= ?1 ORDER BY first_id LIMIT 1"),
+            params![pos],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+    };
+    let after = scan.after;
+    // Ranges wholly at or below the reader's position are not its loss.
+    let lost = |first: i64, last: i64, why: &str| {
+        if last > after {
+            report_lost(seg.seq, first, last, why);
+        }
+    };
+    let mut pos = from;
+    while pos <= end {
+        match next_block(pos) {
+            Ok(None) => break,
+            Ok(Some((first, last))) => {
+                if first > pos {
+                    // Blocks whose row is gone with its page.
+                    lost(pos, (first - 1).min(end), "block rows missing");
+                }
+                if first > end {
+                    break;
+                }
+                let body = tx.query_row(
+                    &format!("SELECT codec, body FROM {table} WHERE first_id = ?1"),
+                    params![first],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+                );
+                match body {
+                    Ok((codec, body)) => {
+                        if scan.block(seg.seq, first, last, codec, &body).is_break() {
+                            return Ok(ControlFlow::Break(()));
+                        }
+                    }
+                    Err(e) if is_corruption(&e) => lost(first, last, &e.to_string()),
+                    Err(e) => return Err(e),
+                }
+                pos = last + 1;
+            }
+            Err(e) if is_corruption(&e) => {
+                // The way to `pos` is damaged: find the next id whose block can be reached,
+                // stepping further each time.
+                let mut step = 1;
+                let resume = loop {
+                    let probe = pos.saturating_add(step);
+                    if probe > end {
+                        break None;
+                    }
+                    match next_block(probe) {
+                        Ok(Some((first, _))) => break Some(first),
+                        Ok(None) => break None,
+                        Err(e) if is_corruption(&e) => step *= 2,
+                        Err(e) => return Err(e),
+                    }
+                };
+                let stop = resume.map_or(end, |r| r - 1).min(end);
+                lost(pos, stop, &e.to_string());
+                match resume {
+                    Some(r) if r <= end => pos = r,
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(ControlFlow::Continue(()))
 }
 
-/// Logs (at ERROR) and counts an unreadable block, once per process.
-fn report_corrupt_block(seq: i64, first: i64, last: i64, error: &std::io::Error) {
+/// Logs (at ERROR) and counts records the file cannot give back (ids `first..=last`, all
+/// streams), once per process and range.
+fn report_lost(seq: i64, first: i64, last: i64, error: &str) {
+    if last < first {
+        return;
+    }
     static SEEN: std::sync::Mutex<Vec<(i64, i64)>> = std::sync::Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
     if seen.contains(&(seq, first)) {
@@ -520,7 +687,7 @@ fn report_corrupt_block(seq: i64, first: i64, last: i64, error: &std::io::Error)
         last_id = last,
         records,
         %error,
-        "a block of the buffer file cannot be read back (disk corruption?): its records are skipped"
+        "records of the buffer file cannot be read back (disk corruption?): they are skipped"
     );
     metrics::counter!(crate::metrics::BUFFER_CORRUPT).increment(records);
 }
@@ -691,5 +858,60 @@ mod tests {
         .unwrap();
         assert_eq!(n, 20);
         assert_eq!(ids, (1..=10).chain(21..=30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_damaged_overflow_page_loses_its_block_only_and_the_rest_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let mut w = super::super::block::BlockWriter::new().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..6)
+            .map(|i| super::super::block::noise(100 + i, 10_000))
+            .collect();
+        {
+            let conn = open_writer(&path, Synchronous::Full).unwrap();
+            let mut seg = create_segment(&conn, 1, 1).unwrap();
+            for (i, p) in payloads.iter().enumerate() {
+                let id = i as i64 + 1;
+                w.push(id, 1, id, "k", p);
+                let block = w.finish().unwrap().unwrap();
+                insert_block(&conn, &insert_block_sql(1), &block).unwrap();
+                seg.last_id = id;
+                seg.records += 1;
+            }
+            update_segment(&conn, &seg).unwrap();
+            conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")
+                .unwrap();
+        }
+        // Zero the page holding the middle of record 3's body: the first of its overflow pages,
+        // so SQLite itself finds the chain broken.
+        let mut file = std::fs::read(&path).unwrap();
+        let needle = &payloads[2][2500..2532];
+        let at = file
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap();
+        let page = 4096;
+        let start = at / page * page;
+        file[start..start + page].fill(0);
+        std::fs::write(&path, &file).unwrap();
+
+        let conn = open_reader(&path).unwrap();
+        let mut ids = Vec::new();
+        scan(&conn, &[1], 0, None, |r| {
+            assert_eq!(r.payload, &payloads[r.id as usize - 1][..]);
+            ids.push(r.id);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(ids, [1, 2, 4, 5, 6]);
+        // From inside the damage too, and with a bound.
+        let mut ids = Vec::new();
+        scan(&conn, &[1], 2, Some(5), |r| {
+            ids.push(r.id);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(ids, [4, 5]);
     }
 }
