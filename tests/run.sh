@@ -65,4 +65,4 @@ echo "== the benchmark harness, quick mode (every figure once, tiny loads; speed
 tests/bench/bench.sh --quick > target/bench-quick.txt
 tail -n 30 target/bench-quick.txt
 echo "== cargo test"
-cargo test --locked -j2 --workspace
+cargo test --locked -j2 --workspace --no-fail-fast

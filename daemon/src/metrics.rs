@@ -15,6 +15,8 @@ pub const BUFFER_BYTES: &str = "edgehose_buffer_bytes";
 pub const BUFFER_DROPPED: &str = "edgehose_buffer_dropped_total";
 pub const BUFFER_FULL_WAITS: &str = "edgehose_buffer_full_waits_total";
 pub const BUFFER_CORRUPT: &str = "edgehose_buffer_corrupt_records_total";
+pub const BUFFER_SALVAGES: &str = "edgehose_buffer_salvages_total";
+pub const BUFFER_LOST_FILES: &str = "edgehose_buffer_files_lost_total";
 pub const DELIVERED_RECORDS: &str = "edgehose_records_delivered_total";
 pub const DELIVERED_BATCHES: &str = "edgehose_batches_delivered_total";
 pub const DELIVERED_BYTES: &str = "edgehose_bytes_delivered_total";
@@ -65,6 +67,14 @@ pub fn describe() {
     describe_counter!(
         BUFFER_CORRUPT,
         "Records skipped because their block in the buffer file could not be read back (disk corruption)"
+    );
+    describe_counter!(
+        BUFFER_SALVAGES,
+        "Times a damaged buffer file was moved aside at start and its readable records copied into a fresh one"
+    );
+    describe_counter!(
+        BUFFER_LOST_FILES,
+        "Times the buffer file was missing or empty at start although a buffer had been created"
     );
     describe_counter!(
         BUFFER_FULL_WAITS,

@@ -4,6 +4,7 @@
 //! they delivered, and a segment of records is dropped once every destination has it.
 
 pub mod block;
+pub mod salvage;
 pub mod store;
 pub mod writer;
 
@@ -46,7 +47,11 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
+    if salvage::check(&path, config.buffer.synchronous)?.is_some() {
+        metrics::counter!(crate::metrics::BUFFER_SALVAGES).increment(1);
+    }
     let conn = store::open_writer(&path, config.buffer.synchronous)?;
+    salvage::mark_created(&path)?;
     let names: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
     let stream_ids = store::stream_ids(&conn, &names)?;
     for name in store::unknown_streams(&conn, &stream_ids)? {
