@@ -21,6 +21,12 @@ if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } \
     fi
 fi
 
+# libfaketime steps the daemon's wall clock in the clock tests.
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] && [ "$(id -u)" = 0 ]; then
+    echo "== installing faketime (libfaketime)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends faketime >/dev/null
+fi
+
 # systemd-analyze checks the service unit (tests/systemd-unit.sh).
 if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "== installing systemd (for systemd-analyze)"

@@ -61,11 +61,11 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
     metrics::describe();
 
     let (trigger, shutdown) = shutdown::channel();
-    let health = health::Health::default();
 
     // The buffer first: nothing is accepted before it can be stored.
     let buffer = buffer::open(&config)
         .with_context(|| format!("cannot open the buffer at {}", config.buffer.path.display()))?;
+    let health = buffer.health.clone();
 
     let staging = config
         .buffer
@@ -142,6 +142,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
             shutdown.clone(),
         )),
     };
+    let clock = tokio::spawn(clock::watch_steps(shutdown.clone()));
     info!("edgehose ready");
     service::ready();
     // systemd arms the watchdog once start-up is complete (READY=1): the pings start now.
@@ -186,6 +187,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
     if let Some(w) = watchdog {
         w.abort();
     }
+    clock.abort();
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 use metrics::{describe_counter, describe_gauge, Unit};
 
 pub const RECEIVED: &str = "edgehose_messages_received_total";
+pub const CLOCK_STEPS: &str = "edgehose_clock_steps_total";
 pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
 pub const REJECTED: &str = "edgehose_messages_rejected_total";
@@ -35,6 +36,10 @@ pub const THROTTLED: &str = "edgehose_destination_throttled_total";
 pub const BACKLOG_BYTES: &str = "edgehose_destination_backlog_bytes";
 
 pub fn describe() {
+    describe_counter!(
+        CLOCK_STEPS,
+        "Times the wall clock stepped by a second or more (NTP after boot, a manual change)"
+    );
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
     describe_counter!(CONNECTIONS, "MQTT connections accepted by the front door");
     describe_counter!(

@@ -192,6 +192,15 @@ fn reject_new_refuses_what_does_not_fit_and_keeps_what_was_committed() {
     assert!(rejected > 0.0, "nothing was rejected");
     assert_eq!(rejected + committed, 32_000.0);
     assert!(gw.metric("edgehose_buffer_bytes") <= 1024.0 * 1024.0);
+    // /healthz says the buffer does not take writes, and why.
+    let (status, body) = http_get(gw.admin_port, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "failing", "{body}");
+    assert!(
+        health["buffer"]["error"].as_str().unwrap().contains("full"),
+        "{body}"
+    );
     // An MQTT 5 device is told why (reason code 0x97, Quota exceeded).
     let out = Command::new("mosquitto_pub")
         .args([

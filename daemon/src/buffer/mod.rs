@@ -39,6 +39,8 @@ pub struct Buffer {
     pub control: mpsc::Sender<Control>,
     pub committed: watch::Receiver<Committed>,
     pub writer: std::thread::JoinHandle<()>,
+    /// Health shared with the admin server and the destinations; the writer reports into it.
+    pub health: crate::health::Health,
 }
 
 /// Opens the buffer file and starts its writer.
@@ -75,12 +77,14 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         states.push(state);
     }
     let (committed_tx, committed) = watch::channel(Committed::default());
+    let health = crate::health::Health::default();
     let writer = Writer::new(
         conn,
         config.buffer.clone(),
         stream_ids.clone(),
         slots,
         committed_tx,
+        health.clone(),
     )?;
     let (ingest, ingest_rx) = mpsc::channel(writer::INGEST_CHANNEL_CAPACITY);
     let (control, control_rx) = mpsc::channel(writer::CONTROL_CHANNEL_CAPACITY);
@@ -93,6 +97,7 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         control,
         committed,
         writer,
+        health,
     })
 }
 

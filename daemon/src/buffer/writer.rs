@@ -75,6 +75,9 @@ pub struct DestinationSlot {
 }
 
 pub struct Writer {
+    /// `/healthz`: whether the buffer takes writes, and why not.
+    health: crate::health::Health,
+    health_state: Option<String>,
     conn: Connection,
     config: BufferConfig,
     /// Config stream index -> stream id in the file.
@@ -107,6 +110,7 @@ impl Writer {
         stream_ids: Vec<i64>,
         destinations: Vec<DestinationSlot>,
         committed: watch::Sender<Committed>,
+        health: crate::health::Health,
     ) -> Result<Self, BufferError> {
         let mut segments: VecDeque<Segment> = store::segments_exact(&conn)?.into();
         if segments.is_empty() {
@@ -132,6 +136,8 @@ impl Writer {
             segments,
             active_bytes: 0,
             committed,
+            health,
+            health_state: None,
         };
         // A buffer written by an earlier version: new records go to a segment of blocks.
         if w.active().format != SegmentFormat::Blocks {
@@ -237,6 +243,9 @@ impl Writer {
                     );
                     drop(env);
                 } else {
+                    self.set_health(Some(
+                        "full: ingest waits for delivery (when_full = \"block\")".into(),
+                    ));
                     if !waiting_logged {
                         warn!(
                             bytes = self.bytes,
@@ -383,6 +392,13 @@ impl Writer {
                         c.payload_bytes[s] += g.added_bytes[s];
                     }
                 });
+                let full = g
+                    .pending
+                    .iter()
+                    .any(|p| p.outcome == Outcome::Rejected(Reject::BufferFull));
+                self.set_health(full.then(|| {
+                    "full: new messages are refused (when_full = \"reject_new\")".to_string()
+                }));
                 for p in g.pending {
                     if let Outcome::Rejected(reason) = p.outcome {
                         metrics::counter!(m::REJECTED, "reason" => reason.label()).increment(1);
@@ -403,12 +419,21 @@ impl Writer {
                 );
                 metrics::counter!(m::REJECTED, "reason" => "storage_error")
                     .increment(g.pending.len() as u64);
+                self.set_health(Some(format!("commits fail: {e}")));
                 drop(g.pending);
                 // Do not spin on a failing disk.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         open
+    }
+
+    /// Tells `/healthz` whether the buffer takes writes (only when that changes).
+    fn set_health(&mut self, state: Option<String>) {
+        if state != self.health_state {
+            self.health.set_buffer_error(state.clone());
+            self.health_state = state;
+        }
     }
 
     /// Inserts one envelope's records inside the open transaction; returns how many.
