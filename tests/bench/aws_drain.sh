@@ -5,8 +5,11 @@
 # record is delivered. moto, not the gateway, bounds these figures (it keeps everything in
 # memory in one Python process and slows as a stream grows); the script also reports moto's own
 # ceiling, measured with boto3 doing the same puts without the gateway.
-# Usage: tests/bench/aws_drain.sh [records=1000000] [s3|kinesis|kinesis-agg]
-#        (ORDERING=none for Kinesis requests filled regardless of partition keys)
+# Usage: tests/bench/aws_drain.sh [records=1000000] [s3|s3-partitioned|kinesis|kinesis-agg]
+#        (ORDERING=none for Kinesis requests filled regardless of partition keys;
+#         PUT_CONCURRENCY=n for the s3 targets' put_concurrency, default the daemon's)
+# s3-partitioned: one gzip object per device (100 per flush); after the drain, s3_ceiling.py
+# puts the same objects with boto3 at its best concurrency, and the ratio is printed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 records=${1:-1000000}
@@ -33,7 +36,20 @@ region = \"us-east-1\"
 endpoint = \"$endpoint\"
 buffer_size = \"64MiB\"
 buffer_interval = \"1s\"
-compression = \"gzip\"" ;;
+compression = \"gzip\"
+${PUT_CONCURRENCY:+put_concurrency = $PUT_CONCURRENCY}" ;;
+s3-partitioned)
+    rb create-bucket bench
+    DEST_TOML="type = \"s3\"
+bucket = \"bench\"
+region = \"us-east-1\"
+endpoint = \"$endpoint\"
+buffer_size = \"64MiB\"
+buffer_interval = \"1s\"
+compression = \"gzip\"
+prefix = \"device=!{partitionKeyFromQuery:device}/\"
+error_output_prefix = \"errors/!{firehose:error-output-type}/\"
+${PUT_CONCURRENCY:+put_concurrency = $PUT_CONCURRENCY}" ;;
 kinesis|kinesis-agg)
     rb create-stream bench 4
     DEST_TOML="type = \"kinesis\"
@@ -59,6 +75,7 @@ start=$(date +%s.%N)
 $bin/edgehose run --config "$scratch/drain.toml" 2> "$scratch/drain.log" &
 pid=$!
 bench_wait_ready
+ready_at=$(date +%s.%N)
 until [ "$(metric 'edgehose_records_delivered_total{destination="local"}')" = "$records" ]; do
     if ! kill -0 "$pid" 2>/dev/null; then cat "$scratch/drain.log" >&2; exit 1; fi
     sleep 0.1
@@ -75,6 +92,12 @@ awk -v s="$start" -v d="$done_at" -v n="$records" -v m="$hwm" -v t="$target" 'BE
         t, n, d - s, n / (d - s), m / 1024 }'
 case $target in
 s3) echo "objects: $objects" ;;
+s3-partitioned)
+    echo "objects: $objects, put in $(awk -v r="$ready_at" -v d="$done_at" 'BEGIN { printf "%.3f", d - r }') s from ready to the last delivered"
+    ceiling=$($venv/bin/python tests/bench/s3_ceiling.py "$endpoint" bench)
+    echo "$ceiling"
+    awk -v r="$ready_at" -v d="$done_at" -v c="$(echo "$ceiling" | sed -E 's/.*best ([0-9.]+) s.*/\1/')" 'BEGIN {
+        printf "drain vs a plain client putting the same objects: %.2fx (ceiling %.3f s / drain %.3f s)\n", c / (d - r), c, d - r }' ;;
 *) awk -v u="${units:-0}" -v k="${krecs:-0}" -v r="${reqs:-0}" -v n="$records" 'BEGIN {
     printf "Kinesis records: %d, PutRecords requests: %d, PUT payload units: %d (%.1f per 1,000 readings)\n",
         k, r, u, u * 1000 / n }' ;;
