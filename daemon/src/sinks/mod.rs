@@ -47,7 +47,13 @@ impl Sink {
                 Sink::Object(ObjectSink::File(file::FileSink::new(root, bucket)))
             }
             SinkConfig::S3(s3) => Sink::Object(ObjectSink::S3(
-                s3::S3Sink::new(s3, config.batching.compression, staging).await,
+                s3::S3Sink::new(
+                    s3,
+                    config.batching.compression,
+                    staging,
+                    config.put_concurrency,
+                )
+                .await,
             )),
             SinkConfig::Kinesis(k) => Sink::Kinesis(kinesis::KinesisSink::new(k).await),
         }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 
 use super::aws::{custom_endpoint, describe, endpoint_label, sdk_config, sink_error};
 use super::SinkError;
@@ -19,10 +20,17 @@ pub struct S3Sink {
     content_encoding: Option<&'static str>,
     endpoint: String,
     staging: PathBuf,
+    /// Parts of one multipart upload put at once.
+    concurrency: usize,
 }
 
 impl S3Sink {
-    pub async fn new(config: &S3Config, compression: Compression, staging: &Path) -> Self {
+    pub async fn new(
+        config: &S3Config,
+        compression: Compression,
+        staging: &Path,
+        concurrency: usize,
+    ) -> Self {
         let sdk = sdk_config(&config.aws).await;
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
             // Emulators and older S3-compatible stores do not all take streaming checksums.
@@ -45,6 +53,7 @@ impl S3Sink {
             content_encoding: compression.content_encoding(),
             endpoint,
             staging: staging.to_path_buf(),
+            concurrency,
         }
     }
 
@@ -116,39 +125,43 @@ impl S3Sink {
             ));
         };
         let result = async {
-            let mut parts = Vec::new();
-            let mut offset = 0;
-            let mut number = 1;
-            while offset < len {
-                let size = part_size.min(len - offset);
-                let body = ByteStream::read_from()
-                    .path(staged)
-                    .offset(offset)
-                    .length(aws_sdk_s3::primitives::Length::Exact(size))
-                    .build()
-                    .await
-                    .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
-                let out = self
-                    .client
-                    .upload_part()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(upload_id)
-                    .part_number(number)
-                    .content_length(size as i64)
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| sink_error("UploadPart", &e))?;
-                parts.push(
-                    CompletedPart::builder()
+            // Parts go up `concurrency` at a time, each read from the staged file at its offset;
+            // `buffered` keeps them in part-number order for the completion.
+            let count = len.div_ceil(part_size);
+            let parts: Vec<CompletedPart> = stream::iter(0..count)
+                .map(|i| async move {
+                    let offset = i * part_size;
+                    let size = part_size.min(len - offset);
+                    let number = i as i32 + 1;
+                    let body = ByteStream::read_from()
+                        .path(staged)
+                        .offset(offset)
+                        .length(aws_sdk_s3::primitives::Length::Exact(size))
+                        .build()
+                        .await
+                        .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+                    let out = self
+                        .client
+                        .upload_part()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(upload_id)
                         .part_number(number)
-                        .set_e_tag(out.e_tag().map(str::to_string))
-                        .build(),
-                );
-                offset += size;
-                number += 1;
-            }
+                        .content_length(size as i64)
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| sink_error("UploadPart", &e))?;
+                    Ok::<_, SinkError>(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(out.e_tag().map(str::to_string))
+                            .build(),
+                    )
+                })
+                .buffered(self.concurrency.max(1))
+                .try_collect()
+                .await?;
             self.client
                 .complete_multipart_upload()
                 .bucket(&self.bucket)
