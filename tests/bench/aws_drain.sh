@@ -45,8 +45,8 @@ bucket = \"bench\"
 region = \"us-east-1\"
 endpoint = \"$endpoint\"
 buffer_size = \"64MiB\"
-buffer_interval = \"1s\"
-compression = \"gzip\"
+buffer_interval = \"0s\"
+compression = \"${COMPRESSION:-gzip}\"
 prefix = \"device=!{partitionKeyFromQuery:device}/\"
 error_output_prefix = \"errors/!{firehose:error-output-type}/\"
 ${PUT_CONCURRENCY:+put_concurrency = $PUT_CONCURRENCY}" ;;
@@ -86,6 +86,7 @@ units=$(metric 'edgehose_kinesis_put_units_total{destination="local"}')
 krecs=$(metric 'edgehose_kinesis_records_total{destination="local"}')
 reqs=$(metric 'edgehose_kinesis_requests_total{destination="local"}')
 objects=$(metric 'edgehose_batches_delivered_total{destination="local"}')
+cp "$scratch/drain.log" "${KEEP_LOG:-/dev/null}" 2>/dev/null || true
 bench_stop
 awk -v s="$start" -v d="$done_at" -v n="$records" -v m="$hwm" -v t="$target" 'BEGIN {
     printf "%s: backlog of %d records delivered in %.1f s (%.0f records/s), peak RSS %d MiB\n",

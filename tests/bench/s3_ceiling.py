@@ -30,7 +30,7 @@ for c in levels:
     start = time.time()
     with ThreadPoolExecutor(max_workers=c) as pool:
         list(pool.map(lambda ib: s3.put_object(Bucket=dst, Key=f"o{ib[0]}", Body=ib[1],
-                                               ContentEncoding="gzip"),
+                                               **({"ContentEncoding": "gzip"} if ib[1][:2] == b"\x1f\x8b" else {})),
                       enumerate(bodies)))
     took = time.time() - start
     print(f"  concurrency {c}: {took:.3f} s", file=sys.stderr)

@@ -54,6 +54,10 @@ pub struct Staged {
     pub oldest_arrival_ms: i64,
     /// Records that went to the error output, by error code.
     pub errors: Vec<(&'static str, u64)>,
+    /// The parts are written plain and still need this compression ([`compress`]) before
+    /// they are put: with dynamic partitioning each part is compressed on its own, just
+    /// before its put, so compression overlaps the puts of other parts.
+    pub compress_parts: Compression,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +105,8 @@ impl Body {
         }
     }
 
-    fn finish(self) -> io::Result<()> {
+    /// Flushes the body; with `sync`, to the disk too.
+    fn finish(self, sync: bool) -> io::Result<()> {
         let file = match self {
             Body::Plain(w) => w.into_inner().map_err(|e| e.into_error())?,
             Body::Gzip(w) => w.finish()?.into_inner().map_err(|e| e.into_error())?,
@@ -111,7 +116,10 @@ impl Body {
                 .into_inner()
                 .map_err(|e| e.into_error())?,
         };
-        file.sync_all()
+        if sync {
+            file.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -191,13 +199,16 @@ pub fn error_record(arrival_ms: i64, code: &str, message: &str, payload: &[u8]) 
 }
 
 /// Writes the selected records to files named after `base` (`base` itself without dynamic
-/// partitioning). Returns None (and leaves no file) when there are none.
+/// partitioning). Returns None (and leaves no file) when there are none. With `sync` the files
+/// are fsynced (the `file` sink renames them into place); without, they are only a staging
+/// copy of what the buffer holds (the `s3` sink uploads them; a crash rebuilds them).
 pub fn assemble(
     conn: &Connection,
     selection: Selection<'_>,
     batching: &BatchingConfig,
     prefix: &PrefixTemplate,
     base: &Path,
+    sync: bool,
 ) -> Result<Option<Staged>, AssembleError> {
     let partition_names = prefix.partition_names();
     if let Some(dir) = base.parent() {
@@ -221,6 +232,11 @@ pub fn assemble(
         bytes: 0,
         oldest_arrival_ms: 0,
         errors: Vec::new(),
+        compress_parts: if partitioned {
+            batching.compression
+        } else {
+            Compression::None
+        },
     };
     let mut open: Vec<Open> = Vec::new();
     let mut by_partition: HashMap<Vec<String>, usize> = HashMap::new();
@@ -341,11 +357,9 @@ pub fn assemble(
     if let Some(e) = io_error {
         return Err(e.into());
     }
+    let compress_later = staged.compress_parts != Compression::None;
     for o in open {
-        o.body.finish()?;
-        if partitioned && batching.compression != Compression::None {
-            compress(&o.part.path, batching.compression)?;
-        }
+        o.body.finish(sync && !compress_later)?;
         staged.parts.push(o.part);
     }
     if staged.records == 0 {
@@ -357,15 +371,16 @@ pub fn assemble(
     Ok(Some(staged))
 }
 
-/// Compresses a finished plain file in place (through a sibling file and a rename).
-fn compress(path: &Path, compression: Compression) -> io::Result<()> {
+/// Compresses a finished plain file in place (through a sibling file and a rename); with
+/// `sync`, fsyncs the result.
+pub fn compress(path: &Path, compression: Compression, sync: bool) -> io::Result<()> {
     let tmp = path.with_extension("z");
     {
         let mut input = io::BufReader::new(File::open(path)?);
         let mut body = Body::new(&tmp, compression, 64 * 1024)?;
         let mut w = BodyWriter(&mut body);
         io::copy(&mut input, &mut w)?;
-        body.finish()?;
+        body.finish(sync)?;
     }
     std::fs::rename(&tmp, path)
 }
@@ -413,7 +428,7 @@ mod tests {
         let mut body = Body::new(&path, Compression::Snappy, 1024).unwrap();
         body.write_all(b"{\"a\":1}\n").unwrap();
         body.write_all(b"{\"a\":2}\n").unwrap();
-        body.finish().unwrap();
+        body.finish(true).unwrap();
         let raw = std::fs::read(&path).unwrap();
         // The stream identifier chunk that starts every framed snappy stream.
         assert_eq!(&raw[..10], b"\xff\x06\x00\x00sNaPpY");

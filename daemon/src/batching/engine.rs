@@ -442,8 +442,10 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
                     // Counters first: whatever commits during the read is then counted twice
                     // at worst (pending overstated until the next count), never missed.
                     let before = self.t.seen;
+                    let started = Instant::now();
                     match self.journal.backlog(self.delivered_id).await {
                         Ok(b) => {
+                            tracing::debug!(destination = %self.name, records = b.records, took = ?started.elapsed(), "backlog counted");
                             self.t.rebase(before, b);
                             self.state = State::Idle;
                         }
@@ -485,9 +487,11 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
                         version: self.version,
                         replay: false,
                     };
+                    let started = Instant::now();
                     match self.delivery.prepare(plan).await {
                         Ok(Some(batch)) => {
                             let extent = D::extent(&batch);
+                            tracing::debug!(destination = %self.name, records = extent.records, last_id = extent.last_id, took = ?started.elapsed(), "batch prepared");
                             self.state = State::Flushing(Flight {
                                 batch: Some(batch),
                                 extent,

@@ -10,7 +10,7 @@ use super::engine::{Attempt, Delivery, Extent, Plan, Report};
 use super::journal::Reader;
 use super::keys::{BatchId, KeyPattern};
 use super::DeliveryError;
-use crate::config::BatchingConfig;
+use crate::config::{BatchingConfig, Compression};
 use crate::sinks::ObjectSink;
 
 pub struct ObjectDelivery {
@@ -34,6 +34,8 @@ struct Object {
     put: bool,
     /// It was (or may have been) put before: a retry, or a batch replayed after a restart.
     tried: bool,
+    /// Still plain: compress with this before the put (dynamic partitions).
+    compress: Compression,
 }
 
 pub struct ObjectBatch {
@@ -53,6 +55,7 @@ impl Delivery for ObjectDelivery {
         let mut batching = self.batching.clone();
         batching.size = plan.max_bytes;
         let prefix = self.keys.prefix.clone();
+        let sync = matches!(self.sink, ObjectSink::File(_));
         let staged = self
             .reader
             .read(move |c| {
@@ -67,6 +70,7 @@ impl Delivery for ObjectDelivery {
                     &batching,
                     &prefix,
                     &path,
+                    sync,
                 )
             })
             .await?;
@@ -95,6 +99,7 @@ impl Delivery for ObjectDelivery {
                 records: part.records,
                 put: false,
                 tried: plan.replay,
+                compress: staged.compress_parts,
             });
         }
         Ok(Some(ObjectBatch {
@@ -119,22 +124,41 @@ impl Delivery for ObjectDelivery {
             .filter(|&i| !batch.objects[i].put)
             .collect();
         let objects = &batch.objects;
-        let results: Vec<(usize, Result<(), crate::sinks::SinkError>)> = stream::iter(todo)
+        let sync = matches!(sink, ObjectSink::File(_));
+        // Each object is compressed (on the blocking pool) right before its put, so the
+        // compression of one overlaps the puts of others.
+        let results: Vec<(usize, bool, Result<(), DeliveryError>)> = stream::iter(todo)
             .map(|i| async move {
                 let o = &objects[i];
+                let mut compressed = false;
+                if o.compress != Compression::None {
+                    let (path, c) = (o.path.clone(), o.compress);
+                    let done =
+                        tokio::task::spawn_blocking(move || assemble::compress(&path, c, sync))
+                            .await
+                            .map_err(std::io::Error::other)
+                            .and_then(|r| r);
+                    if let Err(e) = done {
+                        return (i, false, Err(DeliveryError::Stage(e)));
+                    }
+                    compressed = true;
+                }
                 let result = sink.put(&o.path, &o.key).await;
                 if result.is_ok() {
                     crate::failpoint::hit("delivery.after-first-put");
                 }
-                (i, result)
+                (i, compressed, result.map_err(DeliveryError::from))
             })
             .buffer_unordered(self.concurrency.max(1))
             .collect()
             .await;
         let mut report = Report::default();
         let mut first_error = None;
-        for (i, result) in results {
+        for (i, compressed, result) in results {
             let o = &mut batch.objects[i];
+            if compressed {
+                o.compress = Compression::None;
+            }
             match result {
                 Ok(()) => {
                     o.put = true;
@@ -154,7 +178,7 @@ impl Delivery for ObjectDelivery {
             // What went in stays in; its resent counts go in the final report.
             batch.resent.0 += report.resent_objects;
             batch.resent.1 += report.resent_records;
-            return Err(e.into());
+            return Err(e);
         }
         report.objects = batch.objects.len() as u64;
         report.resent_objects += batch.resent.0;
