@@ -7,6 +7,9 @@
 #   GLIBC=2.31 cross/build.sh           link against glibc 2.31 (Debian 11 / Raspberry Pi OS
 #                                       Bullseye) with cargo-zigbuild and zig from PyPI
 #
+#   EDGEHOSE_FEATURES=default cross/build.sh   include the embedded rumqttd (`ingress.mode =
+#                                       "broker"`, a benchmark baseline); left out by default
+#
 # Output: target/<TARGET>/dist/{edgehose,firmware-sim}; sizes are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +41,8 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 rustup target add "${targets[@]}" >/dev/null
+# The Pi build leaves out the embedded rumqttd unless asked for.
+if [ "${EDGEHOSE_FEATURES:-}" = default ]; then features=""; else features="--no-default-features"; fi
 
 if [ -n "${GLIBC:-}" ]; then
     venv=target/zig-venv
@@ -47,11 +52,11 @@ if [ -n "${GLIBC:-}" ]; then
     fi
     export PATH="$PWD/$venv/bin:$PATH"
     for t in "${targets[@]}"; do
-        cargo zigbuild --locked -j2 --profile dist --target "$t.$GLIBC" -p edgehose -p firmware-sim
+        cargo zigbuild --locked -j2 --profile dist --target "$t.$GLIBC" -p edgehose -p firmware-sim $features
     done
 else
     for t in "${targets[@]}"; do
-        cargo build --locked -j2 --profile dist --target "$t" -p edgehose -p firmware-sim
+        cargo build --locked -j2 --profile dist --target "$t" -p edgehose -p firmware-sim $features
     done
 fi
 

@@ -59,6 +59,8 @@ if cargo clippy --version >/dev/null 2>&1; then
     echo "== cargo clippy"
     cargo clippy --locked -j2 --workspace --all-targets -- -D warnings
 fi
+echo "== checking the gateway without the embedded rumqttd (the Raspberry Pi build)"
+cargo clippy --locked -j2 -p edgehose --no-default-features -- -D warnings
 echo "== checking firmware-sim's hardware build (real I2C through linux-embedded-hal)"
 cargo clippy --locked -j2 -p firmware-sim --features hardware -- -D warnings
 echo "== building the binaries the end-to-end tests run"

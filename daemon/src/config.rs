@@ -665,7 +665,14 @@ impl RawIngress {
         }
         let mode = match self.mode.as_deref().unwrap_or("frontdoor") {
             "frontdoor" => IngressMode::FrontDoor(self.frontdoor.validate()?),
-            "broker" => IngressMode::Broker(self.broker.validate()?),
+            "broker" if cfg!(feature = "broker") => IngressMode::Broker(self.broker.validate()?),
+            "broker" => {
+                return Err(ConfigError::new(
+                    "ingress.mode",
+                    "\"broker\" (the embedded rumqttd) is not in this build (built without the \
+                     `broker` feature, as the Raspberry Pi builds are); use \"frontdoor\"",
+                ))
+            }
             "client" => {
                 let Some(c) = self.client else {
                     return Err(ConfigError::new(

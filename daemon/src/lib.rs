@@ -130,9 +130,14 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
             .await?;
             tokio::spawn(door.run(shutdown.clone()))
         }
+        #[cfg(feature = "broker")]
         IngressMode::Broker(b) => {
             let broker = ingress::broker::start(b, &config.ingress.limits)?;
             tokio::spawn(broker.run(router, buffer.ingest, shutdown.clone()))
+        }
+        #[cfg(not(feature = "broker"))]
+        IngressMode::Broker(_) => {
+            anyhow::bail!("ingress.mode = \"broker\" needs a build with the `broker` feature")
         }
         IngressMode::Client(c) => tokio::spawn(ingress::client::run(
             c.clone(),

@@ -3,6 +3,7 @@
 //! rumqttd (PUBACK before commit), and [`client`], a client of an external broker. All check
 //! and route every message here, in [`admit`].
 
+#[cfg(feature = "broker")]
 pub mod broker;
 pub mod client;
 pub mod frontdoor;
