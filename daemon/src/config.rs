@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-use crate::batching::keys::{KeyPattern, PrefixKind, PrefixTemplate, PROCESSING_FAILED};
-use crate::routing::{PartitionKeyTemplate, TopicFilter};
+use crate::templates::keys::{KeyPattern, PrefixKind, PrefixTemplate, PROCESSING_FAILED};
+use crate::templates::topic::{PartitionKeyTemplate, TopicFilter};
 
 /// IoT Core's payload limit (AWS-SEMANTICS 18).
 pub const DEFAULT_MAX_PAYLOAD: u64 = 128 * 1024;

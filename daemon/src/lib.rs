@@ -20,6 +20,7 @@
 pub mod clock;
 pub mod config;
 pub mod message;
+pub mod templates;
 
 pub mod ingress;
 pub mod routing;

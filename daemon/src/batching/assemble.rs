@@ -17,9 +17,9 @@ use base64::Engine;
 use flate2::write::GzEncoder;
 use rusqlite::Connection;
 
-use super::keys::PrefixTemplate;
 use crate::buffer::store;
 use crate::config::{BatchingConfig, Compression};
+use crate::templates::keys::PrefixTemplate;
 
 /// Firehose's limit on partitions buffering at once (AWS-SEMANTICS 8); more go to the error
 /// output.

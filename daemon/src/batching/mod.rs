@@ -5,14 +5,13 @@
 //! - [`engine`]: the destination loop every destination runs: hints, backlog accounting, the
 //!   intent/delivered protocol, retries, probes, health. Unit-tested with fakes.
 //! - [`objects`]: delivery as objects (`file`, `s3`): [`assemble`] streams a batch from SQLite
-//!   into staged files, [`keys`] names them the way Firehose does.
+//!   into staged files, [`crate::templates::keys`] names them the way Firehose does.
 //! - [`records`]: delivery as records (Kinesis).
 //! - [`journal`]: the buffer as a destination sees it.
 
 pub mod assemble;
 pub mod engine;
 pub mod journal;
-pub mod keys;
 pub mod objects;
 pub mod records;
 
@@ -40,7 +39,7 @@ pub enum DeliveryError {
     #[error("staging the batch: {0}")]
     Stage(#[from] std::io::Error),
     #[error(transparent)]
-    Key(#[from] keys::KeyError),
+    Key(#[from] crate::templates::keys::KeyError),
     #[error(transparent)]
     Sink(#[from] SinkError),
 }

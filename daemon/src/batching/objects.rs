@@ -8,10 +8,10 @@ use futures_util::stream::{self, StreamExt};
 use super::assemble::{self, Selection};
 use super::engine::{Attempt, Delivery, Extent, Plan, Report};
 use super::journal::Reader;
-use super::keys::{BatchId, KeyPattern};
 use super::DeliveryError;
 use crate::config::{BatchingConfig, Compression};
 use crate::sinks::ObjectSink;
+use crate::templates::keys::{BatchId, KeyPattern};
 
 pub struct ObjectDelivery {
     pub name: String,

@@ -11,12 +11,12 @@ use tracing::{debug, warn};
 
 use super::engine::{Attempt, Delivery, Extent, Plan, Report};
 use super::journal::Reader;
-use super::keys::{BatchId, KeyPattern};
 use super::DeliveryError;
 use crate::buffer::store;
 use crate::metrics as m;
 use crate::sinks::file::FileSink;
 use crate::sinks::kinesis::{self, Delivered, KinesisSink, Rec};
+use crate::templates::keys::{BatchId, KeyPattern};
 
 pub struct RecordDelivery {
     pub name: String,

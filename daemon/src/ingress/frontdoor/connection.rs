@@ -21,8 +21,9 @@ use super::pubsub::{Delivery, Opened};
 use super::Shared;
 use crate::message::{Ack, Outcome};
 use crate::metrics as m;
-use crate::routing::{Reject, TopicFilter};
+use crate::routing::Reject;
 use crate::shutdown::Shutdown;
+use crate::templates::topic::TopicFilter;
 
 /// A connection reads at least this much at a time, and at most [`MAX_READ`]: a device that
 /// fills its reads gets bigger ones, so fast publishers need few system calls while 10,000 slow

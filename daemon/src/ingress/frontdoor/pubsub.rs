@@ -24,7 +24,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::metrics as m;
-use crate::routing::TopicFilter;
+use crate::templates::topic::TopicFilter;
 
 /// Messages a session holds for its device before the oldest is dropped.
 pub const SESSION_QUEUE: usize = 1024;
