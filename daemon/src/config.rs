@@ -114,6 +114,8 @@ struct RawFrontDoor {
     receive_maximum: Option<u16>,
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    packet_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -261,6 +263,9 @@ pub struct FrontDoorConfig {
     /// QoS 1 publishes a connection may have waiting for their commit (MQTT 5 Receive Maximum).
     pub receive_maximum: u16,
     pub connect_timeout: Duration,
+    /// A packet whose first byte has arrived must be complete within this, whatever the
+    /// keep-alive (a half-sent packet otherwise holds its buffer and slot for ever).
+    pub packet_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -718,6 +723,7 @@ impl RawFrontDoor {
             max_connections,
             receive_maximum,
             connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            packet_timeout: self.packet_timeout.unwrap_or(Duration::from_secs(60)),
         })
     }
 }

@@ -35,6 +35,7 @@ pub mod admin;
 pub mod failpoint;
 pub mod health;
 pub mod metrics;
+pub mod ratelimit;
 pub mod reload;
 pub mod service;
 pub mod shutdown;

@@ -109,6 +109,8 @@ pub struct Setup {
     pub destination: Option<String>,
     /// Extra environment for the daemon (for example AWS_REGION, AWS_ENDPOINT_URL_S3).
     pub env: Vec<(&'static str, String)>,
+    /// Extra lines for `[ingress.frontdoor]` (for example `packet_timeout = "2s"`).
+    pub frontdoor: &'static str,
 }
 
 impl Default for Setup {
@@ -127,6 +129,7 @@ impl Default for Setup {
             root: "out",
             destination: None,
             env: Vec::new(),
+            frontdoor: "",
         }
     }
 }
@@ -152,7 +155,8 @@ impl Gateway {
         let admin_port = free_port();
         let ingress = match setup.client_of {
             None if !setup.rumqttd => format!(
-                "[ingress]\nmode = \"frontdoor\"\n[ingress.frontdoor]\nlisten = \"127.0.0.1:{mqtt_port}\"\n"
+                "[ingress]\nmode = \"frontdoor\"\n[ingress.frontdoor]\nlisten = \"127.0.0.1:{mqtt_port}\"\n{}\n",
+                setup.frontdoor
             ),
             None => format!(
                 "[ingress]\nmode = \"broker\"\n[ingress.broker]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\

@@ -8,8 +8,6 @@ pub mod broker;
 pub mod client;
 pub mod frontdoor;
 
-use std::sync::atomic::{AtomicI64, Ordering};
-
 use tracing::warn;
 
 use crate::clock::now_ms;
@@ -49,13 +47,13 @@ pub fn admit(
 
 /// Logs a refused message at WARN at most once a second; the metric counts every one.
 fn log_rejection(reason: &str, topic: &[u8], payload_len: usize) {
-    static LAST: AtomicI64 = AtomicI64::new(0);
-    let now = now_ms() / 1000;
-    if LAST.swap(now, Ordering::Relaxed) != now {
+    static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
+    if let Some(suppressed) = LOG.allow() {
         warn!(
             reason,
-            topic = %String::from_utf8_lossy(&topic[..topic.len().min(300)]),
+            topic = ?String::from_utf8_lossy(&topic[..topic.len().min(300)]),
             payload_len,
+            suppressed,
             "message rejected (further rejections this second are only counted in edgehose_messages_rejected_total)"
         );
     }

@@ -21,6 +21,7 @@ use super::pubsub::{Delivery, Opened};
 use super::Shared;
 use crate::message::{Ack, Outcome};
 use crate::metrics as m;
+use crate::ratelimit::LogLimit;
 use crate::routing::Reject;
 use crate::shutdown::Shutdown;
 use crate::templates::topic::TopicFilter;
@@ -211,7 +212,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         )
         .await;
     if let End::Abnormal(why) = end {
-        debug!(client_id = %client_id, why, "connection ended");
+        debug!(client_id = ?client_id, why, "connection ended");
         if let Some(w) = will {
             // The will is a message like any other: checked, routed, committed.
             let env = crate::ingress::admit(
@@ -299,21 +300,34 @@ impl Connection {
         let mut deadline = Instant::now() + grace;
         let window = self.shared.receive_maximum as usize;
         let mut read_size = MIN_READ;
+        // When the packet now in `inbuf` started to arrive, while it is incomplete.
+        let mut partial_since: Option<Instant> = None;
         loop {
             // Handle every whole packet already read, while the window has room.
             while self.inflight < window {
                 match self.codec.read(inbuf) {
                     Ok(Some(p)) => {
+                        partial_since = None;
                         if let Err(end) = self.handle(p, outbuf).await {
                             let _ = wr.write_all(outbuf).await;
                             return end;
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        if inbuf.is_empty() {
+                            partial_since = None;
+                        } else {
+                            partial_since.get_or_insert_with(Instant::now);
+                        }
+                        break;
+                    }
                     Err(CodecError::TooLarge(n)) => {
                         metrics::counter!(m::REJECTED, "reason" => Reject::PayloadTooLarge.label())
                             .increment(1);
-                        warn!(client_id = %self.client_id, bytes = n, "packet over the size limit; disconnecting");
+                        static LOG: LogLimit = LogLimit::new();
+                        if let Some(suppressed) = LOG.allow() {
+                            warn!(client_id = ?self.client_id, bytes = n, suppressed, "packet over the size limit; disconnecting");
+                        }
                         let _ = self
                             .codec
                             .write(Out::Disconnect(DisconnectReason::PacketTooLarge), outbuf);
@@ -321,7 +335,10 @@ impl Connection {
                         return End::Abnormal("packet too large");
                     }
                     Err(e) => {
-                        warn!(client_id = %self.client_id, error = %e, "malformed packet; disconnecting");
+                        static LOG: LogLimit = LogLimit::new();
+                        if let Some(suppressed) = LOG.allow() {
+                            warn!(client_id = ?self.client_id, error = %e, suppressed, "malformed packet; disconnecting");
+                        }
                         let _ = self
                             .codec
                             .write(Out::Disconnect(DisconnectReason::ProtocolError), outbuf);
@@ -358,6 +375,15 @@ impl Connection {
                     Ok(0) | Err(_) => return End::Abnormal("connection closed without DISCONNECT"),
                     Ok(_) => deadline = Instant::now() + grace,
                 },
+                _ = tokio::time::sleep_until(
+                    partial_since.map_or(deadline, |p| p + self.shared.packet_timeout)
+                ), if reading && partial_since.is_some() => {
+                    static LOG: LogLimit = LogLimit::new();
+                    if let Some(suppressed) = LOG.allow() {
+                        warn!(client_id = ?self.client_id, timeout = ?self.shared.packet_timeout, suppressed, "a packet was not completed in time; disconnecting");
+                    }
+                    return End::Abnormal("packet not completed within ingress.frontdoor.packet_timeout");
+                }
                 _ = tokio::time::sleep_until(deadline), if keep_alive > 0 => {
                     let _ = self.codec.write(Out::Disconnect(DisconnectReason::KeepAliveTimeout), outbuf);
                     let _ = wr.write_all(outbuf).await;

@@ -30,6 +30,7 @@ pub struct Shared {
     pub ingest: mpsc::Sender<Envelope>,
     pub receive_maximum: u16,
     pub connect_timeout: Duration,
+    pub packet_timeout: Duration,
     /// Largest packet read; larger ones end the connection (MQTT 5: Packet too large).
     pub max_packet: usize,
     pub sessions: Sessions,
@@ -96,6 +97,7 @@ impl FrontDoor {
                 ingest,
                 receive_maximum: cfg.receive_maximum,
                 connect_timeout: cfg.connect_timeout,
+                packet_timeout: cfg.packet_timeout,
                 // Room for the topic and headers around the largest accepted payload, so an
                 // oversized payload is refused with a reason rather than a disconnect.
                 max_packet: (limits.max_payload * 2 + 64 * 1024).min(256 * 1024 * 1024),
@@ -124,10 +126,13 @@ impl FrontDoor {
                 }
             };
             let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                warn!(
-                    max = self.max_connections,
-                    "connection refused: ingress.frontdoor.max_connections reached"
-                );
+                static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
+                if let Some(suppressed) = LOG.allow() {
+                    warn!(
+                        max = self.max_connections,
+                        suppressed, "connection refused: ingress.frontdoor.max_connections reached"
+                    );
+                }
                 drop(stream);
                 continue;
             };

@@ -1,0 +1,91 @@
+//! Clients that misbehave on purpose or by accident cannot hold a connection slot for ever,
+//! flood the log, or forge journal entries.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use edgehose_tests::*;
+
+/// An MQTT 3.1.1 CONNECT with keep-alive 0 (no keep-alive timeout at all).
+fn connect_packet(client_id: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+    body.extend((client_id.len() as u16).to_be_bytes());
+    body.extend(client_id);
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+fn connected(port: u16, client_id: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&connect_packet(client_id)).unwrap();
+    let mut connack = [0u8; 4];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack[0], 0x20, "CONNACK");
+    s
+}
+
+#[test]
+fn a_half_sent_packet_does_not_hold_its_connection_whatever_the_keep_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        frontdoor: "packet_timeout = \"2s\"",
+        ..Setup::default()
+    };
+    let gw = Gateway::start(dir.path(), &setup).unwrap();
+    let mut s = connected(gw.mqtt_port, b"slow");
+    // A PUBLISH announcing 100 bytes, of which 10 ever come.
+    s.write_all(&[0x30, 100, 0, 5, b'a', b'/', b'b', b'/', b'c', b'x'])
+        .unwrap();
+    let sent = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the gateway closes the connection");
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    wait_until(Duration::from_secs(5), "the log line", || {
+        gw.log().contains("a packet was not completed in time")
+    })
+    .unwrap();
+}
+
+#[test]
+fn malformed_packets_are_logged_once_a_second_and_client_ids_cannot_forge_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    // A client id with a newline and a journal priority prefix.
+    let mut s = connected(gw.mqtt_port, b"dev\n<3>forged error");
+    s.write_all(&[0xF0, 0x00]).unwrap(); // packet type 15: not in MQTT 3.1.1
+    let mut buf = [0u8; 16];
+    let _ = s.read(&mut buf);
+    // Then 200 more malformed connections as fast as they come.
+    let started = Instant::now();
+    for i in 0..200 {
+        let mut s = connected(gw.mqtt_port, format!("flood-{i}").as_bytes());
+        s.write_all(&[0xF0, 0x00]).unwrap();
+        let _ = s.read(&mut buf);
+    }
+    let took = started.elapsed();
+    wait_until(Duration::from_secs(5), "the first warning", || {
+        gw.log().contains("malformed packet")
+    })
+    .unwrap();
+    let log = gw.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("<3>forged")),
+        "a client id forged a log line:\n{log}"
+    );
+    assert!(log.contains("dev\\n<3>forged error"), "escaped:\n{log}");
+    let lines = log.matches("malformed packet").count();
+    let seconds = took.as_secs() + 2;
+    assert!(
+        lines as u64 <= seconds,
+        "{lines} warnings for 201 malformed packets in {took:?}"
+    );
+}
