@@ -7,6 +7,7 @@ pub const RECEIVED: &str = "edgehose_messages_received_total";
 pub const CLOCK_STEPS: &str = "edgehose_clock_steps_total";
 pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
+pub const SUBSCRIPTIONS_REFUSED: &str = "edgehose_subscriptions_refused_total";
 pub const REJECTED: &str = "edgehose_messages_rejected_total";
 pub const BROKER_DROPPED: &str = "edgehose_broker_dropped_total";
 pub const COMMITTED: &str = "edgehose_records_committed_total";
@@ -42,6 +43,10 @@ pub fn describe() {
     );
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
     describe_counter!(CONNECTIONS, "MQTT connections accepted by the front door");
+    describe_counter!(
+        SUBSCRIPTIONS_REFUSED,
+        "Topic filters refused in SUBSCRIBE (invalid, or past the 50 a session may hold)"
+    );
     describe_counter!(
         LOCAL_FANOUT_DROPPED,
         "Messages not delivered to a local subscriber whose queue was full (QoS 0 fan-out)"

@@ -82,10 +82,44 @@ fn malformed_packets_are_logged_once_a_second_and_client_ids_cannot_forge_log_li
         "a client id forged a log line:\n{log}"
     );
     assert!(log.contains("dev\\n<3>forged error"), "escaped:\n{log}");
-    let lines = log.matches("malformed packet").count();
+    let lines = log.matches("malformed packet; disconnecting").count();
     let seconds = took.as_secs() + 2;
     assert!(
         lines as u64 <= seconds,
         "{lines} warnings for 201 malformed packets in {took:?}"
     );
+}
+
+#[test]
+fn a_session_holds_at_most_fifty_filters() {
+    use rumqttc::{
+        AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let codes = rt.block_on(async {
+        let (client, mut eventloop) =
+            AsyncClient::new(MqttOptions::new("greedy", "127.0.0.1", gw.mqtt_port), 10);
+        let filters: Vec<SubscribeFilter> = (0..60)
+            .map(|i| SubscribeFilter::new(format!("a/{i}/#"), QoS::AtLeastOnce))
+            .collect();
+        client.subscribe_many(filters).await.unwrap();
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(end, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => return ack.return_codes,
+                Ok(Ok(_)) => {}
+                other => panic!("no SUBACK: {other:?}"),
+            }
+        }
+    });
+    assert_eq!(codes.len(), 60);
+    assert!(codes[..50]
+        .iter()
+        .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+    assert!(codes[50..]
+        .iter()
+        .all(|c| *c == SubscribeReasonCode::Failure));
+    assert_eq!(gw.metric("edgehose_subscriptions_refused_total"), 10.0);
 }

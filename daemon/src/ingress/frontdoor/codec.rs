@@ -121,6 +121,15 @@ pub enum Refusal {
     ImplementationSpecific,
 }
 
+/// Why a subscription was refused (MQTT 3.1.1 says only "failure").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubRefused {
+    /// Not a valid topic filter.
+    Invalid,
+    /// The session already holds `MAX_FILTERS` filters.
+    Quota,
+}
+
 /// What the front door sends.
 #[derive(Debug)]
 pub enum Out {
@@ -146,8 +155,8 @@ pub enum Out {
     },
     SubAck {
         pkid: u16,
-        /// Granted QoS per filter, or None for a refused filter.
-        granted: Vec<Option<u8>>,
+        /// Granted QoS per filter, or why it was refused.
+        granted: Vec<Result<u8, SubRefused>>,
     },
     UnsubAck {
         pkid: u16,
@@ -367,8 +376,8 @@ fn to_v4(out: Out) -> Option<v4::Packet> {
             granted
                 .into_iter()
                 .map(|g| match g {
-                    Some(q) => v4::SubscribeReasonCode::Success(q4(q)),
-                    None => v4::SubscribeReasonCode::Failure,
+                    Ok(q) => v4::SubscribeReasonCode::Success(q4(q)),
+                    Err(_) => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
         )),
@@ -449,8 +458,9 @@ fn to_v5(out: Out) -> Option<v5::Packet> {
             return_codes: granted
                 .into_iter()
                 .map(|g| match g {
-                    Some(q) => v5::SubscribeReasonCode::Success(q5(q)),
-                    None => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    Ok(q) => v5::SubscribeReasonCode::Success(q5(q)),
+                    Err(SubRefused::Invalid) => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    Err(SubRefused::Quota) => v5::SubscribeReasonCode::QuotaExceeded,
                 })
                 .collect(),
             properties: None,

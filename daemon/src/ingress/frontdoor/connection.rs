@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::codec::{
-    self, Codec, CodecError, ConnRefusal, DisconnectReason, In, Out, Refusal, Version,
+    self, Codec, CodecError, ConnRefusal, DisconnectReason, In, Out, Refusal, SubRefused, Version,
 };
 use super::pubsub::{Delivery, Opened};
 use super::Shared;
@@ -528,12 +528,30 @@ impl Connection {
                 let _ = self.codec.write(Out::PingResp, outbuf);
             }
             In::Subscribe { pkid, filters } => {
-                // QoS 0 and 1 are granted as asked (QoS 2 as 1); invalid filters are refused.
-                let parsed: Vec<Option<(TopicFilter, u8)>> = filters
+                // QoS 0 and 1 are granted as asked (QoS 2 as 1); invalid filters are refused,
+                // and so are new ones past the session's quota (IoT Core's 50).
+                let mut room = self.shared.pubsub.filter_room(&self.client_id);
+                let parsed: Vec<Result<(TopicFilter, u8), SubRefused>> = filters
                     .iter()
-                    .map(|(f, q)| TopicFilter::parse(f).ok().map(|f| (f, (*q).min(1))))
+                    .map(|(f, q)| {
+                        let f = TopicFilter::parse(f).map_err(|_| SubRefused::Invalid)?;
+                        if !self.shared.pubsub.has_filter(&self.client_id, &f) {
+                            if room == 0 {
+                                return Err(SubRefused::Quota);
+                            }
+                            room -= 1;
+                        }
+                        Ok((f, (*q).min(1)))
+                    })
                     .collect();
-                let granted = parsed.iter().map(|p| p.as_ref().map(|(_, q)| *q)).collect();
+                let refused = parsed.iter().filter(|p| p.is_err()).count();
+                if refused > 0 {
+                    metrics::counter!(m::SUBSCRIPTIONS_REFUSED).increment(refused as u64);
+                }
+                let granted = parsed
+                    .iter()
+                    .map(|p| p.as_ref().map(|(_, q)| *q).map_err(|e| *e))
+                    .collect();
                 let valid: Vec<(TopicFilter, u8)> = parsed.into_iter().flatten().collect();
                 // The SUBACK goes out before any retained message the subscription matches.
                 let _ = self.codec.write(Out::SubAck { pkid, granted }, outbuf);

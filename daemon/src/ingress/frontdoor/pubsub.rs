@@ -28,6 +28,10 @@ use crate::templates::topic::TopicFilter;
 
 /// Messages a session holds for its device before the oldest is dropped.
 pub const SESSION_QUEUE: usize = 1024;
+/// Topic filters one session may hold: IoT Core's subscriptions per connection. Past it a
+/// SUBSCRIBE's new filters are refused (MQTT 5: Quota exceeded), so one client cannot make every
+/// publish scan thousands of its filters.
+pub const MAX_FILTERS: usize = 50;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -202,6 +206,22 @@ impl PubSub {
         if dropped > 0 {
             metrics::counter!(m::LOCAL_FANOUT_DROPPED).increment(dropped);
         }
+    }
+
+    /// How many more filters the session may hold ([`MAX_FILTERS`] in all).
+    pub fn filter_room(&self, client_id: &str) -> usize {
+        let inner = self.lock();
+        let held = inner.sessions.get(client_id).map_or(0, |s| s.filters.len());
+        MAX_FILTERS.saturating_sub(held)
+    }
+
+    /// Whether the session already holds this filter (subscribing again only changes its QoS).
+    pub fn has_filter(&self, client_id: &str, filter: &TopicFilter) -> bool {
+        let inner = self.lock();
+        inner
+            .sessions
+            .get(client_id)
+            .is_some_and(|s| s.filters.iter().any(|(f, _)| f == filter))
     }
 
     /// Adds filters (with their granted QoS) to a session; queues the retained messages they
