@@ -9,24 +9,16 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-use crate::templates::keys::{KeyPattern, PrefixKind, PrefixTemplate, PROCESSING_FAILED};
 use crate::templates::topic::{PartitionKeyTemplate, TopicFilter};
+
+mod destinations;
+pub use destinations::*;
 
 /// IoT Core's payload limit (AWS-SEMANTICS 18).
 pub const DEFAULT_MAX_PAYLOAD: u64 = 128 * 1024;
 /// IoT Core's topic limits (AWS-SEMANTICS 18).
 pub const DEFAULT_MAX_TOPIC_LENGTH: usize = 256;
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 8;
-/// Firehose's buffering-hint bounds and defaults (AWS-SEMANTICS 1).
-pub const MIN_BUFFER_SIZE: u64 = 1024 * 1024;
-pub const MAX_BUFFER_SIZE: u64 = 128 * 1024 * 1024;
-pub const DEFAULT_BUFFER_SIZE: u64 = 5 * 1024 * 1024;
-pub const MAX_BUFFER_INTERVAL: Duration = Duration::from_secs(900);
-pub const DEFAULT_BUFFER_INTERVAL: Duration = Duration::from_secs(300);
-/// A Kinesis destination is near-real-time: a batch is one full PutRecords request (5 MiB) or
-/// one second, whichever comes first.
-pub const DEFAULT_KINESIS_BUFFER_SIZE: u64 = 5 * 1024 * 1024;
-pub const DEFAULT_KINESIS_BUFFER_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A configuration problem, always tied to the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +29,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             problem: problem.into(),
@@ -87,7 +79,7 @@ struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     streams: BTreeMap<String, RawStream>,
-    destinations: BTreeMap<String, RawDestination>,
+    destinations: BTreeMap<String, toml::Table>,
     #[serde(default)]
     log: RawLog,
 }
@@ -181,35 +173,6 @@ struct RawStream {
     destinations: Vec<String>,
     partition_key: Option<String>,
     payload_format: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDestination {
-    #[serde(rename = "type")]
-    kind: String,
-    root: Option<PathBuf>,
-    bucket: Option<String>,
-    delivery_stream: Option<String>,
-    prefix: Option<String>,
-    buffer_size: Option<ByteSize>,
-    #[serde(default, with = "humantime_serde")]
-    buffer_interval: Option<Duration>,
-    compression: Option<String>,
-    record_delimiter: Option<String>,
-    file_extension: Option<String>,
-    error_output_prefix: Option<String>,
-    // AWS destinations.
-    region: Option<String>,
-    endpoint: Option<String>,
-    force_path_style: Option<bool>,
-    multipart_threshold: Option<ByteSize>,
-    stream: Option<String>,
-    aggregation: Option<bool>,
-    aggregate_size: Option<ByteSize>,
-    ordering: Option<String>,
-    error_output_root: Option<PathBuf>,
-    put_concurrency: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,123 +310,6 @@ pub struct StreamConfig {
     pub payload_format: PayloadFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    /// Snappy's framing format, as Firehose writes `.snappy` objects.
-    Snappy,
-}
-
-impl Compression {
-    /// The extension Firehose gives objects with this compression (AWS-SEMANTICS 7).
-    pub fn extension(self) -> &'static str {
-        match self {
-            Compression::None => "",
-            Compression::Gzip => ".gz",
-            Compression::Snappy => ".snappy",
-        }
-    }
-
-    /// The S3 `Content-Encoding` header for objects with this compression.
-    pub fn content_encoding(self) -> Option<&'static str> {
-        match self {
-            Compression::Gzip => Some("gzip"),
-            Compression::None | Compression::Snappy => None,
-        }
-    }
-}
-
-/// Objects of one batch put at once, by default and at most.
-pub const DEFAULT_PUT_CONCURRENCY: usize = 4;
-pub const MAX_PUT_CONCURRENCY: usize = 64;
-
-#[derive(Debug, Clone)]
-pub struct DestinationConfig {
-    pub name: String,
-    /// Objects of one batch (dynamic partitions, the error object) put at once.
-    pub put_concurrency: usize,
-    pub sink: SinkConfig,
-    pub batching: BatchingConfig,
-    pub keys: KeyPattern,
-}
-
-#[derive(Debug, Clone)]
-pub enum SinkConfig {
-    /// A local directory laid out like an S3 bucket: `<root>/<bucket>/<key>`.
-    File { root: PathBuf, bucket: String },
-    /// An S3 bucket (or an emulator of one) through aws-sdk-s3.
-    S3(S3Config),
-    /// A Kinesis data stream (or an emulator of one) through aws-sdk-kinesis.
-    Kinesis(KinesisConfig),
-}
-
-/// Where and how to reach an AWS service. Anything unset comes from the SDK's default chain
-/// (AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL[_S3|_KINESIS], credentials chain).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AwsConfig {
-    pub region: Option<String>,
-    /// An explicit endpoint beats every environment variable (AWS-SEMANTICS 22).
-    pub endpoint: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Config {
-    pub bucket: String,
-    pub aws: AwsConfig,
-    /// Path-style addressing (emulators); None = on when an endpoint is configured anywhere.
-    pub force_path_style: Option<bool>,
-    /// Objects larger than this go up in parts of this size.
-    pub multipart_threshold: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ordering {
-    /// A PutRecords request never holds two entries one partial failure could reorder: one
-    /// entry per partition key (per shard when aggregating).
-    PerKey,
-    /// Requests are filled regardless of keys; a partial failure may reorder a key's records.
-    None,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KinesisConfig {
-    pub stream: String,
-    pub aws: AwsConfig,
-    /// KPL aggregation: many records per Kinesis record, grouped by shard.
-    pub aggregation: bool,
-    /// Largest aggregated record (KPL's default is 50 KiB; Kinesis's limit 1 MiB).
-    pub aggregate_size: u64,
-    pub ordering: Ordering,
-    /// Records Kinesis can never take (over 1 MiB) are written here, in Firehose's error-record
-    /// shape, in the S3 layout.
-    pub error_output_root: PathBuf,
-}
-
-/// S3's smallest multipart part (the last part may be smaller).
-pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
-/// Kinesis limits (AWS-SEMANTICS 11).
-pub const KINESIS_MAX_RECORD: u64 = 1024 * 1024;
-
-#[derive(Debug, Clone)]
-pub struct BatchingConfig {
-    /// Flush once this many bytes (before compression) are pending.
-    pub size: u64,
-    /// Flush once the oldest pending record is this old.
-    pub interval: Duration,
-    pub compression: Compression,
-    /// Append `\n` after every record (Firehose's AppendDelimiterToRecord).
-    pub newline: bool,
-}
-
-impl DestinationConfig {
-    /// A fingerprint of everything that shapes this destination's output; a change bumps the
-    /// Firehose version number in object names (AWS-SEMANTICS 2).
-    pub fn fingerprint(&self) -> String {
-        format!("{:?}|{:?}|{:?}", self.sink, self.batching, self.keys)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
@@ -473,7 +319,7 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|e| ConfigError::new(key, format!("{value:?} is not an address:port ({e})")))
 }
 
-fn one_of<T: Copy>(
+pub(crate) fn one_of<T: Copy>(
     key: &str,
     value: Option<&str>,
     default: T,
@@ -492,7 +338,7 @@ fn one_of<T: Copy>(
         })
 }
 
-fn valid_name(key: &str, name: &str) -> Result<(), ConfigError> {
+pub(crate) fn valid_name(key: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -529,7 +375,7 @@ impl RawConfig {
         }
         let mut destinations = Vec::new();
         for (name, raw) in self.destinations {
-            destinations.push(raw.validate(&name)?);
+            destinations.push(destinations::parse(&name, raw)?);
         }
 
         if self.streams.is_empty() {
@@ -898,328 +744,6 @@ impl RawBuffer {
     }
 }
 
-impl RawDestination {
-    fn validate(self, name: &str) -> Result<DestinationConfig, ConfigError> {
-        let key = format!("destinations.{name}");
-        valid_name(&key, name)?;
-        let sink = match self.kind.as_str() {
-            "file" => {
-                let root = self.root.ok_or_else(|| {
-                    ConfigError::new(format!("{key}.root"), "is required for type = \"file\"")
-                })?;
-                let bucket = self.bucket.unwrap_or_else(|| name.to_string());
-                validate_bucket(&format!("{key}.bucket"), &bucket)?;
-                SinkConfig::File { root, bucket }
-            }
-            "s3" => {
-                let bucket = self.bucket.ok_or_else(|| {
-                    ConfigError::new(format!("{key}.bucket"), "is required for type = \"s3\"")
-                })?;
-                validate_bucket(&format!("{key}.bucket"), &bucket)?;
-                let multipart_threshold = self
-                    .multipart_threshold
-                    .map(|b| b.as_u64())
-                    .unwrap_or(16 * 1024 * 1024);
-                if multipart_threshold < MIN_PART_SIZE {
-                    return Err(ConfigError::new(
-                        format!("{key}.multipart_threshold"),
-                        "must be at least 5MiB (S3's smallest part)",
-                    ));
-                }
-                SinkConfig::S3(S3Config {
-                    bucket,
-                    aws: aws_config(&key, self.region.clone(), self.endpoint.clone())?,
-                    force_path_style: self.force_path_style,
-                    multipart_threshold,
-                })
-            }
-            "kinesis" => {
-                let stream = self.stream.clone().ok_or_else(|| {
-                    ConfigError::new(
-                        format!("{key}.stream"),
-                        "is required for type = \"kinesis\" (the Kinesis data stream's name)",
-                    )
-                })?;
-                let ok = !stream.is_empty()
-                    && stream.len() <= 128
-                    && stream
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-                if !ok {
-                    return Err(ConfigError::new(
-                        format!("{key}.stream"),
-                        format!("{stream:?} is not a Kinesis stream name (1-128 of A-Z a-z 0-9 _ . -)"),
-                    ));
-                }
-                let aggregate_size = self
-                    .aggregate_size
-                    .map(|b| b.as_u64())
-                    .unwrap_or(50 * 1024);
-                if !(1024..=KINESIS_MAX_RECORD).contains(&aggregate_size) {
-                    return Err(ConfigError::new(
-                        format!("{key}.aggregate_size"),
-                        "must be between 1KiB and 1MiB (Kinesis's record limit)",
-                    ));
-                }
-                SinkConfig::Kinesis(KinesisConfig {
-                    stream,
-                    aws: aws_config(&key, self.region.clone(), self.endpoint.clone())?,
-                    aggregation: self.aggregation.unwrap_or(false),
-                    aggregate_size,
-                    ordering: one_of(
-                        &format!("{key}.ordering"),
-                        self.ordering.as_deref(),
-                        Ordering::PerKey,
-                        &[("per_key", Ordering::PerKey), ("none", Ordering::None)],
-                    )?,
-                    error_output_root: self
-                        .error_output_root
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from("errors")),
-                })
-            }
-            other => {
-                return Err(ConfigError::new(
-                    format!("{key}.type"),
-                    format!(
-                        "{other:?} is not a destination type this build knows (\"file\", \"s3\", \"kinesis\")"
-                    ),
-                ))
-            }
-        };
-        let is_kinesis = matches!(sink, SinkConfig::Kinesis(_));
-        let object_only = [
-            ("prefix", self.prefix.is_some()),
-            ("error_output_prefix", self.error_output_prefix.is_some()),
-            ("compression", self.compression.is_some()),
-            ("file_extension", self.file_extension.is_some()),
-            ("record_delimiter", self.record_delimiter.is_some()),
-            ("delivery_stream", self.delivery_stream.is_some()),
-            ("put_concurrency", self.put_concurrency.is_some()),
-        ];
-        let kinesis_only = [
-            ("stream", is_kinesis || self.stream.is_none()),
-            ("aggregation", is_kinesis || self.aggregation.is_none()),
-            (
-                "aggregate_size",
-                is_kinesis || self.aggregate_size.is_none(),
-            ),
-            ("ordering", is_kinesis || self.ordering.is_none()),
-            (
-                "error_output_root",
-                is_kinesis || self.error_output_root.is_none(),
-            ),
-        ];
-        for (field, set) in object_only {
-            if is_kinesis && set {
-                return Err(ConfigError::new(
-                    format!("{key}.{field}"),
-                    "applies to object destinations (\"file\", \"s3\"), not to type = \"kinesis\"",
-                ));
-            }
-        }
-        for (field, ok) in kinesis_only {
-            if !ok {
-                return Err(ConfigError::new(
-                    format!("{key}.{field}"),
-                    "applies only to type = \"kinesis\"",
-                ));
-            }
-        }
-        let is_file = matches!(sink, SinkConfig::File { .. });
-        for (field, set) in [
-            ("region", self.region.is_some()),
-            ("endpoint", self.endpoint.is_some()),
-        ] {
-            if is_file && set {
-                return Err(ConfigError::new(
-                    format!("{key}.{field}"),
-                    "applies only to the AWS destination types (\"s3\", \"kinesis\")",
-                ));
-            }
-        }
-        if !matches!(sink, SinkConfig::S3(_)) {
-            for (field, set) in [
-                ("force_path_style", self.force_path_style.is_some()),
-                ("multipart_threshold", self.multipart_threshold.is_some()),
-            ] {
-                if set {
-                    return Err(ConfigError::new(
-                        format!("{key}.{field}"),
-                        "applies only to type = \"s3\"",
-                    ));
-                }
-            }
-        }
-        let size = self
-            .buffer_size
-            .map(|b| b.as_u64())
-            .unwrap_or(if is_kinesis {
-                DEFAULT_KINESIS_BUFFER_SIZE
-            } else {
-                DEFAULT_BUFFER_SIZE
-            });
-        if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&size) {
-            return Err(ConfigError::new(
-                format!("{key}.buffer_size"),
-                format!("{} is outside Firehose's 1MiB..128MiB", ByteSize(size)),
-            ));
-        }
-        let interval = self.buffer_interval.unwrap_or(if is_kinesis {
-            DEFAULT_KINESIS_BUFFER_INTERVAL
-        } else {
-            DEFAULT_BUFFER_INTERVAL
-        });
-        if interval > MAX_BUFFER_INTERVAL {
-            return Err(ConfigError::new(
-                format!("{key}.buffer_interval"),
-                "must be at most 900s (Firehose's limit)",
-            ));
-        }
-        let compression = one_of(
-            &format!("{key}.compression"),
-            self.compression.as_deref(),
-            Compression::None,
-            &[
-                ("none", Compression::None),
-                ("gzip", Compression::Gzip),
-                ("snappy", Compression::Snappy),
-            ],
-        )?;
-        // Kinesis records are the payloads as received, with no delimiter.
-        let newline = one_of(
-            &format!("{key}.record_delimiter"),
-            self.record_delimiter.as_deref(),
-            !is_kinesis,
-            &[("newline", true), ("none", false)],
-        )?;
-        let prefix = PrefixTemplate::parse(self.prefix.as_deref().unwrap_or(""))
-            .map_err(|p| ConfigError::new(format!("{key}.prefix"), p))?;
-        // Timestamps and random strings have fixed widths, so one evaluation tells the length
-        // (partition values are checked per record).
-        prefix
-            .evaluate(chrono::DateTime::UNIX_EPOCH, "xxxxxxxxxxx", &[], "")
-            .map_err(|e| ConfigError::new(format!("{key}.prefix"), e.to_string()))?;
-        let error_prefix = self
-            .error_output_prefix
-            .as_deref()
-            .map(|t| PrefixTemplate::parse_as(t, PrefixKind::Error))
-            .transpose()
-            .map_err(|p| ConfigError::new(format!("{key}.error_output_prefix"), p))?;
-        if let Some(e) = &error_prefix {
-            e.evaluate(
-                chrono::DateTime::UNIX_EPOCH,
-                "xxxxxxxxxxx",
-                &[],
-                PROCESSING_FAILED,
-            )
-            .map_err(|e| ConfigError::new(format!("{key}.error_output_prefix"), e.to_string()))?;
-        }
-        // A Kinesis destination's error output is a local directory in the S3 layout.
-        let error_prefix = match (is_kinesis, error_prefix) {
-            (true, _) => Some(
-                PrefixTemplate::parse_as("!{firehose:error-output-type}/", PrefixKind::Error)
-                    .map_err(|p| ConfigError::new(format!("{key}.type"), p))?,
-            ),
-            (false, e) => e,
-        };
-        if !prefix.partition_names().is_empty() && error_prefix.is_none() {
-            return Err(ConfigError::new(
-                format!("{key}.error_output_prefix"),
-                "is required when the prefix uses !{partitionKeyFromQuery:...} (records without the key go there), e.g. \"errors/!{firehose:error-output-type}/\"",
-            ));
-        }
-        let delivery_stream = self.delivery_stream.unwrap_or_else(|| name.to_string());
-        valid_name(&format!("{key}.delivery_stream"), &delivery_stream)?;
-        let extension = match self.file_extension {
-            Some(ext) => {
-                if !ext.starts_with('.') || ext.len() > 128 || ext.contains('/') {
-                    return Err(ConfigError::new(
-                        format!("{key}.file_extension"),
-                        "must start with '.', contain no '/', and be at most 128 characters",
-                    ));
-                }
-                ext
-            }
-            None => compression.extension().to_string(),
-        };
-        let put_concurrency = self.put_concurrency.unwrap_or(DEFAULT_PUT_CONCURRENCY);
-        if !(1..=MAX_PUT_CONCURRENCY).contains(&put_concurrency) {
-            return Err(ConfigError::new(
-                format!("{key}.put_concurrency"),
-                format!("must be 1..={MAX_PUT_CONCURRENCY}"),
-            ));
-        }
-        Ok(DestinationConfig {
-            name: name.to_string(),
-            put_concurrency,
-            sink,
-            batching: BatchingConfig {
-                size,
-                interval,
-                compression,
-                newline,
-            },
-            keys: KeyPattern {
-                prefix,
-                error_prefix,
-                delivery_stream,
-                extension,
-            },
-        })
-    }
-}
-
-fn aws_config(
-    key: &str,
-    region: Option<String>,
-    endpoint: Option<String>,
-) -> Result<AwsConfig, ConfigError> {
-    if let Some(r) = &region {
-        let ok = !r.is_empty()
-            && r.len() <= 64
-            && r.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !ok {
-            return Err(ConfigError::new(
-                format!("{key}.region"),
-                format!("{r:?} is not a region name such as \"eu-west-1\""),
-            ));
-        }
-    }
-    if let Some(e) = &endpoint {
-        let ok = (e.starts_with("http://") || e.starts_with("https://"))
-            && e.split("://").nth(1).is_some_and(|h| !h.is_empty());
-        if !ok {
-            return Err(ConfigError::new(
-                format!("{key}.endpoint"),
-                format!("{e:?} is not an http:// or https:// URL"),
-            ));
-        }
-    }
-    Ok(AwsConfig { region, endpoint })
-}
-
-/// S3 bucket naming rules, so a `file` destination's layout is one S3 could hold.
-fn validate_bucket(key: &str, bucket: &str) -> Result<(), ConfigError> {
-    let ok = (3..=63).contains(&bucket.len())
-        && bucket
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
-            key,
-            format!(
-                "{bucket:?} is not a valid S3 bucket name (3-63 of a-z, 0-9, '-', '.', starting and ending with a letter or digit)"
-            ),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1253,7 +777,7 @@ mod tests {
 
     #[test]
     fn the_shipped_default_config_is_valid() {
-        let text = include_str!("../../config/edgehose.toml");
+        let text = include_str!("../../../config/edgehose.toml");
         parse(text).unwrap();
     }
 
