@@ -345,6 +345,21 @@ fn a_missing_bucket_is_reported_and_the_gateway_keeps_buffering() {
             || log.contains(&format!("bucket \"{BUCKET}\" does not exist")),
         "{log}"
     );
+    // /healthz says which destination is down and why, from the start-up check on.
+    let health = || {
+        let (_, body) = http_get(gw.admin_port, "/healthz").unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let h = health();
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["destinations"][0]["up"], false, "{h}");
+    assert!(h["destinations"][0]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("does not exist")));
+    assert_eq!(
+        gw.metric("edgehose_destination_up{destination=\"local\"}"),
+        0.0
+    );
     let summary = run_sim(gw.mqtt_port, &["-n", "2", "-m", "50", "--rate", "0"]).unwrap();
     assert_eq!(
         summary["acknowledged"], 100,
@@ -357,6 +372,12 @@ fn a_missing_bucket_is_reported_and_the_gateway_keeps_buffering() {
         || gw.metric("edgehose_records_delivered_total{destination=\"local\"}") >= 100.0,
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+    let h = health();
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(
+        gw.metric("edgehose_destination_up{destination=\"local\"}"),
+        1.0
+    );
     assert!(gw.terminate().unwrap().success());
     assert_exactly_once(&bucket_seqs(&moto, false).1, 2, 50, "dev");
 }

@@ -419,6 +419,25 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
         }
     }
 
+    /// Reports the start-up check of the endpoint: up, or down with why (until a delivery
+    /// succeeds). Records stay buffered either way.
+    pub fn checked(&mut self, result: Result<(), String>) {
+        let up = result.is_ok();
+        metrics::gauge!(m::DESTINATION_UP, "destination" => self.name.clone()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+        if let Err(message) = result {
+            let since = crate::clock::now_ms();
+            self.t.health.update(self.t.health_slot, |d| {
+                d.up = false;
+                d.down_since_ms = Some(since);
+                d.last_error = Some(message);
+            });
+        }
+    }
+
     /// The position the destination has reached.
     pub fn delivered_id(&self) -> i64 {
         self.delivered_id

@@ -128,9 +128,10 @@ impl Destination {
         };
         match self.sink {
             Sink::Object(sink) => {
-                if let Err(e) = sink.check().await {
+                let checked = sink.check().await.map_err(|e| {
                     unusable(&name, &sink.describe(), &e);
-                }
+                    e.to_string()
+                });
                 let delivery = objects::ObjectDelivery {
                     name: name.clone(),
                     sink,
@@ -140,12 +141,15 @@ impl Destination {
                     keys: self.config.keys.clone(),
                     concurrency: self.config.put_concurrency,
                 };
-                Engine::new(delivery, journal, inputs).run().await;
+                let mut engine = Engine::new(delivery, journal, inputs);
+                engine.checked(checked);
+                engine.run().await;
             }
             Sink::Kinesis(sink) => {
-                if let Err(e) = sink.check().await {
+                let checked = sink.check().await.map_err(|e| {
                     unusable(&name, &sink.describe(), &e);
-                }
+                    e.to_string()
+                });
                 let SinkConfig::Kinesis(k) = &self.config.sink else {
                     error!(destination = %name, "a Kinesis sink without a Kinesis config");
                     return;
@@ -159,7 +163,9 @@ impl Destination {
                     keys: self.config.keys.clone(),
                     error_output_root: k.error_output_root.clone(),
                 };
-                Engine::new(delivery, journal, inputs).run().await;
+                let mut engine = Engine::new(delivery, journal, inputs);
+                engine.checked(checked);
+                engine.run().await;
             }
         }
     }
