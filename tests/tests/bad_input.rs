@@ -327,3 +327,39 @@ fn messages_rumqttd_drops_behind_a_blocked_buffer_are_counted() {
     let delivered = device_seqs(&read_objects(&gw.bucket_dir()).unwrap()).len() as f64;
     assert_eq!(delivered, acked - gw_dropped);
 }
+
+/// The disk refuses every commit (the `buffer.commit` failpoint stands in for a full or failing
+/// SD card): MQTT 5 devices get PUBACK "Unspecified error" instead of a closed socket, 3.1.1
+/// devices get no PUBACK (the connection closes, so they resend), nothing is acknowledged as
+/// stored, and /healthz says the buffer does not take writes.
+#[test]
+fn a_disk_that_refuses_commits_gives_mqtt_5_devices_a_reason_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        env: vec![("EDGEHOSE_FAILPOINT", "buffer.commit:fail".into())],
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    let publish = |version: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &gw.mqtt_port.to_string()])
+            .args(["-V", version, "-q", "1", "-t", "sensors/d1/telemetry"])
+            .args(["-m", r#"{"device":"d1","seq":0}"#])
+            .output()
+            .expect("mosquitto_pub (apt-get install mosquitto-clients)")
+    };
+    let out = publish("mqttv5");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Unspecified error"), "{stderr}");
+    let out = publish("mqttv311");
+    assert!(
+        !out.status.success(),
+        "a 3.1.1 publish must not look stored"
+    );
+    let (status, body) = http_get(gw.admin_port, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("commits fail"), "{body}");
+    assert!(gw.metric("edgehose_messages_rejected_total{reason=\"storage_error\"}") >= 2.0);
+    assert!(gw.terminate().unwrap().success());
+    assert_eq!(buffered_records(&gw.db_path()), 0);
+}

@@ -364,6 +364,11 @@ impl Writer {
             self.flush_block()?;
             // The active segment's row is not touched here (that would rewrite its page at every
             // commit); it is written when the segment closes and recomputed at start.
+            if crate::failpoint::fails("buffer.commit") {
+                return Err(BufferError::Io(std::io::Error::other(
+                    "failpoint buffer.commit: the disk refused the write",
+                )));
+            }
             self.conn.execute_batch("COMMIT")?;
             self.bytes = store::used_bytes(&self.conn)?;
             Ok(())

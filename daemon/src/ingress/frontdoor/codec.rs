@@ -119,6 +119,8 @@ pub enum Refusal {
     PayloadFormatInvalid,
     NoMatchingSubscribers,
     ImplementationSpecific,
+    /// The buffer could not store it (a full or failing disk): MQTT 5 "Unspecified error".
+    NotStored,
 }
 
 /// Why a subscription was refused (MQTT 3.1.1 says only "failure").
@@ -434,6 +436,7 @@ fn to_v5(out: Out) -> Option<v5::Packet> {
                 Some(Refusal::ImplementationSpecific) => {
                     v5::PubAckReason::ImplementationSpecificError
                 }
+                Some(Refusal::NotStored) => v5::PubAckReason::UnspecifiedError,
             },
             properties: None,
         }),

@@ -461,6 +461,9 @@ impl Connection {
             let refused = match outcome {
                 Some(Outcome::Committed) => None,
                 Some(Outcome::Rejected(reason)) => Some(refusal(reason)),
+                // Not stored: an MQTT 5 device is told so (and may try again); a 3.1.1 device
+                // can only be told by closing the connection, after which it resends.
+                None if self.codec.version == Version::V5 => Some(Refusal::NotStored),
                 None => return Err(End::Abnormal("the buffer could not store a message")),
             };
             let _ = self.codec.write(Out::PubAck { pkid, refused }, outbuf);
