@@ -8,6 +8,8 @@ pub const CLOCK_STEPS: &str = "edgehose_clock_steps_total";
 pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
 pub const SUBSCRIPTIONS_REFUSED: &str = "edgehose_subscriptions_refused_total";
+pub const RETAINED_REFUSED: &str = "edgehose_retained_refused_total";
+pub const SESSIONS_EXPIRED: &str = "edgehose_sessions_expired_total";
 pub const REJECTED: &str = "edgehose_messages_rejected_total";
 pub const BROKER_DROPPED: &str = "edgehose_broker_dropped_total";
 pub const COMMITTED: &str = "edgehose_records_committed_total";
@@ -43,6 +45,14 @@ pub fn describe() {
     );
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
     describe_counter!(CONNECTIONS, "MQTT connections accepted by the front door");
+    describe_counter!(
+        RETAINED_REFUSED,
+        "Retained messages delivered but not retained: the retained messages are at their bound"
+    );
+    describe_counter!(
+        SESSIONS_EXPIRED,
+        "Offline persistent sessions dropped: past their expiry (1 h) or the most kept (10,000)"
+    );
     describe_counter!(
         SUBSCRIPTIONS_REFUSED,
         "Topic filters refused in SUBSCRIBE (invalid, or past the 50 a session may hold)"

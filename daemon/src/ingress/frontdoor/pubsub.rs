@@ -33,6 +33,30 @@ pub const SESSION_QUEUE: usize = 1024;
 /// publish scan thousands of its filters.
 pub const MAX_FILTERS: usize = 50;
 
+/// Bounds on what clients can make the gateway keep in memory for them.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Retained messages kept, and their bytes (topic + payload); past either a message is
+    /// still committed and fanned out, but not retained (counted).
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
+    /// Persistent sessions kept while their device is offline, and for how long (IoT Core's
+    /// default persistent-session expiry is one hour); past the count the oldest goes first.
+    pub max_offline_sessions: usize,
+    pub session_expiry: std::time::Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            max_retained: 10_000,
+            max_retained_bytes: 16 << 20,
+            max_offline_sessions: 10_000,
+            session_expiry: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub topic: Bytes,
@@ -50,6 +74,8 @@ struct Session {
     filters: Vec<(TopicFilter, u8)>,
     queue: VecDeque<Delivery>,
     notify: Arc<Notify>,
+    /// When its last connection ended (persistent sessions kept offline).
+    offline_since: Option<std::time::Instant>,
 }
 
 /// What a connection gets when it opens its session.
@@ -62,6 +88,7 @@ pub struct Opened {
 
 #[derive(Default)]
 pub struct PubSub {
+    bounds: Bounds,
     inner: Mutex<Inner>,
     /// Sessions with at least one filter: lets publishers skip the lock.
     subscribed: AtomicUsize,
@@ -71,6 +98,13 @@ pub struct PubSub {
 struct Inner {
     sessions: HashMap<String, Session>,
     retained: HashMap<Bytes, Bytes>,
+    /// Topic + payload bytes of `retained`.
+    retained_bytes: usize,
+    /// When offline sessions were last swept (at most once a second: a sweep visits every
+    /// session).
+    swept: Option<std::time::Instant>,
+    /// Sessions with `offline_since` set.
+    offline: usize,
     generation: u64,
 }
 
@@ -84,6 +118,53 @@ impl Inner {
 }
 
 impl PubSub {
+    pub fn new(bounds: Bounds) -> Self {
+        Self {
+            bounds,
+            ..Self::default()
+        }
+    }
+
+    /// Drops offline persistent sessions past their expiry, and the oldest past the count.
+    fn expire(&self, inner: &mut Inner) {
+        let now = std::time::Instant::now();
+        let due = inner
+            .swept
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1));
+        let over = inner.offline > self.bounds.max_offline_sessions;
+        if !due && !over && !self.bounds.session_expiry.is_zero() {
+            return;
+        }
+        inner.swept = Some(now);
+        let expiry = self.bounds.session_expiry;
+        let before = inner.sessions.len();
+        inner.sessions.retain(|_, s| {
+            s.offline_since
+                .is_none_or(|t| now.duration_since(t) < expiry)
+        });
+        let mut offline: Vec<(std::time::Instant, String)> = inner
+            .sessions
+            .iter()
+            .filter_map(|(id, s)| s.offline_since.map(|t| (t, id.clone())))
+            .collect();
+        if offline.len() > self.bounds.max_offline_sessions {
+            offline.sort();
+            let excess = offline.len() - self.bounds.max_offline_sessions;
+            for (_, id) in offline.into_iter().take(excess) {
+                inner.sessions.remove(&id);
+            }
+        }
+        inner.offline = inner
+            .sessions
+            .values()
+            .filter(|s| s.offline_since.is_some())
+            .count();
+        let gone = before - inner.sessions.len();
+        if gone > 0 {
+            metrics::counter!(m::SESSIONS_EXPIRED).increment(gone as u64);
+        }
+    }
+
     /// Whether a committed message with this retain flag needs `publish`.
     pub fn wants(&self, retain: bool) -> bool {
         retain || self.subscribed.load(Ordering::Relaxed) > 0
@@ -101,12 +182,17 @@ impl PubSub {
     /// Opens `client_id`'s session for a new connection: resumes a persistent one when asked
     /// to, else starts afresh.
     pub fn open(&self, client_id: &str, persistent: bool) -> Opened {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        self.expire(inner);
         inner.generation += 1;
         let generation = inner.generation;
         let resumed = match inner.sessions.get_mut(client_id) {
             Some(s) if persistent && s.persistent => {
                 s.generation = generation;
+                if s.offline_since.take().is_some() {
+                    inner.offline -= 1;
+                }
                 Some(Arc::clone(&s.notify))
             }
             _ => None,
@@ -122,7 +208,7 @@ impl PubSub {
             }
             None => {
                 let notify = Arc::new(Notify::new());
-                inner.sessions.insert(
+                let replaced = inner.sessions.insert(
                     client_id.to_string(),
                     Session {
                         generation,
@@ -130,8 +216,12 @@ impl PubSub {
                         filters: Vec::new(),
                         queue: VecDeque::new(),
                         notify: Arc::clone(&notify),
+                        offline_since: None,
                     },
                 );
+                if replaced.is_some_and(|s| s.offline_since.is_some()) {
+                    inner.offline -= 1;
+                }
                 Opened {
                     present: false,
                     generation,
@@ -139,14 +229,15 @@ impl PubSub {
                 }
             }
         };
-        self.recount(&inner);
+        self.recount(inner);
         opened
     }
 
     /// A connection ended. Its unacknowledged QoS 1 messages go back to the front of the queue;
     /// a session that is not persistent ends with its (latest) connection.
     pub fn close(&self, client_id: &str, generation: u64, unacked: Vec<Delivery>) {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
         let Some(s) = inner.sessions.get_mut(client_id) else {
             return;
         };
@@ -156,24 +247,51 @@ impl PubSub {
                 d.dup = true;
                 s.queue.push_front(d);
             }
-            if !latest {
+            if latest {
+                if s.offline_since.replace(std::time::Instant::now()).is_none() {
+                    inner.offline += 1;
+                }
+            } else {
                 // A newer connection owns the session: let it see the requeued messages.
                 s.notify.notify_one();
             }
         } else if latest {
             inner.sessions.remove(client_id);
         }
-        self.recount(&inner);
+        self.expire(inner);
+        self.recount(inner);
     }
 
     /// Fans a committed message out to the matching sessions and keeps it if retained.
     pub fn publish(&self, topic: Bytes, payload: Bytes, qos: u8, retain: bool) {
         let mut inner = self.lock();
         if retain {
+            let old = inner
+                .retained
+                .get(&topic)
+                .map_or(0, |p| topic.len() + p.len());
             if payload.is_empty() {
                 inner.retained.remove(&topic);
+                inner.retained_bytes -= old;
             } else {
-                inner.retained.insert(topic.clone(), payload.clone());
+                let bytes = inner.retained_bytes - old + topic.len() + payload.len();
+                let count = inner.retained.len() + usize::from(old == 0);
+                if bytes <= self.bounds.max_retained_bytes && count <= self.bounds.max_retained {
+                    inner.retained.insert(topic.clone(), payload.clone());
+                    inner.retained_bytes = bytes;
+                } else {
+                    metrics::counter!(m::RETAINED_REFUSED).increment(1);
+                    static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
+                    if let Some(suppressed) = LOG.allow() {
+                        tracing::warn!(
+                            topic = ?String::from_utf8_lossy(&topic),
+                            retained = inner.retained.len(),
+                            retained_bytes = inner.retained_bytes,
+                            suppressed,
+                            "retained messages are at their bound: this one is delivered but not retained"
+                        );
+                    }
+                }
             }
         }
         let Ok(text) = std::str::from_utf8(&topic) else {
@@ -365,5 +483,47 @@ mod tests {
             ps.publish(b("t"), b("x"), 0, false);
         }
         assert_eq!(ps.take("slow", usize::MAX).len(), SESSION_QUEUE);
+    }
+
+    #[test]
+    fn retained_messages_and_offline_sessions_are_bounded() {
+        let ps = PubSub::new(Bounds {
+            max_retained: 2,
+            max_retained_bytes: 100,
+            max_offline_sessions: 1,
+            session_expiry: std::time::Duration::from_secs(3600),
+        });
+        ps.publish(b("r/1"), b("a"), 0, true);
+        ps.publish(b("r/2"), b("b"), 0, true);
+        ps.publish(b("r/3"), b("c"), 0, true); // third: over the count, not retained
+        ps.publish(b("r/1"), b("a2"), 0, true); // replacing one is fine
+        ps.publish(b("r/2"), Bytes::from(vec![b'x'; 200]), 0, true); // over the bytes: kept old
+        ps.open("s", false);
+        ps.subscribe("s", &[f("r/#", 0)]);
+        let mut got: Vec<_> = ps
+            .take("s", 10)
+            .into_iter()
+            .map(|d| (d.topic, d.payload))
+            .collect();
+        got.sort();
+        assert_eq!(got, [(b("r/1"), b("a2")), (b("r/2"), b("b"))]);
+        // Two persistent sessions go offline; only the newest is kept.
+        let one = ps.open("p1", true);
+        ps.close("p1", one.generation, Vec::new());
+        let two = ps.open("p2", true);
+        ps.close("p2", two.generation, Vec::new());
+        assert!(!ps.open("p1", true).present);
+        assert!(ps.open("p2", true).present);
+    }
+
+    #[test]
+    fn offline_sessions_expire() {
+        let ps = PubSub::new(Bounds {
+            session_expiry: std::time::Duration::ZERO,
+            ..Bounds::default()
+        });
+        let one = ps.open("p", true);
+        ps.close("p", one.generation, Vec::new());
+        assert!(!ps.open("p", true).present);
     }
 }
