@@ -382,20 +382,7 @@ fn copy_rows(
                 pos = last + 1;
             }
             Err(e) if is_corruption(&e) => {
-                let mut step = 1;
-                let resume = loop {
-                    let probe = pos.saturating_add(step);
-                    if probe > end {
-                        break None;
-                    }
-                    match next(probe) {
-                        Ok(Some((id, _))) => break Some(id),
-                        Ok(None) => break None,
-                        Err(e) if is_corruption(&e) => step *= 2,
-                        Err(e) => return Err(e),
-                    }
-                };
-                match resume {
+                match store::skip_damage(pos, end, next)? {
                     Some(r) => {
                         lost(pos, r - 1);
                         hi = hi.max(r - 1);

@@ -583,6 +583,28 @@ fn scan_blocks(
     }
 }
 
+/// The way to the row keyed `pos` is damaged: the first key that a read from further on
+/// reaches (stepping 1, 2, 4, ... ids ahead), or None if none is reachable up to `end`.
+/// `next(p)` reads the first (key, last id) at or after `p`.
+pub fn skip_damage(
+    pos: i64,
+    end: i64,
+    next: impl Fn(i64) -> rusqlite::Result<Option<(i64, i64)>>,
+) -> rusqlite::Result<Option<i64>> {
+    let mut step = 1;
+    loop {
+        let probe = pos.saturating_add(step);
+        if probe > end {
+            return Ok(None);
+        }
+        match next(probe) {
+            Ok(found) => return Ok(found.map(|(first, _)| first)),
+            Err(e) if is_corruption(&e) => step = step.saturating_mul(2),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads a segment whose table SQLite found damaged, one block at a time from `from`: a block
 /// whose body cannot be read, and ids whose blocks cannot even be listed (a damaged leaf page),
 /// are reported lost by id range; everything readable is visited.
@@ -640,21 +662,7 @@ fn scan_damaged(
                 pos = last + 1;
             }
             Err(e) if is_corruption(&e) => {
-                // The way to `pos` is damaged: find the next id whose block can be reached,
-                // stepping further each time.
-                let mut step = 1;
-                let resume = loop {
-                    let probe = pos.saturating_add(step);
-                    if probe > end {
-                        break None;
-                    }
-                    match next_block(probe) {
-                        Ok(Some((first, _))) => break Some(first),
-                        Ok(None) => break None,
-                        Err(e) if is_corruption(&e) => step *= 2,
-                        Err(e) => return Err(e),
-                    }
-                };
+                let resume = skip_damage(pos, end, next_block)?;
                 let stop = resume.map_or(end, |r| r - 1).min(end);
                 lost(pos, stop, &e.to_string());
                 match resume {
