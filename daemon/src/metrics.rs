@@ -8,6 +8,7 @@ pub const CLOCK_STEPS: &str = "edgehose_clock_steps_total";
 pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
 pub const SUBSCRIPTIONS_REFUSED: &str = "edgehose_subscriptions_refused_total";
+pub const PARTIAL_BUDGET_WAITS: &str = "edgehose_partial_packet_budget_waits_total";
 pub const RETAINED_REFUSED: &str = "edgehose_retained_refused_total";
 pub const SESSIONS_EXPIRED: &str = "edgehose_sessions_expired_total";
 pub const REJECTED: &str = "edgehose_messages_rejected_total";
@@ -52,6 +53,10 @@ pub fn describe() {
     describe_counter!(
         SESSIONS_EXPIRED,
         "Offline persistent sessions dropped: past their expiry (1 h) or the most kept (10,000)"
+    );
+    describe_counter!(
+        PARTIAL_BUDGET_WAITS,
+        "Times a connection stopped reading because packets still arriving held the whole partial_packet_budget"
     );
     describe_counter!(
         SUBSCRIPTIONS_REFUSED,

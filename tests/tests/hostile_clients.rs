@@ -123,3 +123,67 @@ fn a_session_holds_at_most_fifty_filters() {
         .all(|c| *c == SubscribeReasonCode::Failure));
     assert_eq!(gw.metric("edgehose_subscriptions_refused_total"), 10.0);
 }
+
+/// MQTT's variable-length remaining length.
+fn remaining_length(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn half_sent_packets_share_one_budget_and_well_behaved_devices_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        frontdoor: "packet_timeout = \"3s\"\npartial_packet_budget = \"1MiB\"",
+        ..Setup::default()
+    };
+    let gw = Gateway::start(dir.path(), &setup).unwrap();
+    // 20 devices each announce a 120 KiB PUBLISH and send 100 KiB of it: ~2 MiB against 1 MiB.
+    let mut slow = Vec::new();
+    for i in 0..20 {
+        let mut s = connected(gw.mqtt_port, format!("slow-{i}").as_bytes());
+        let mut p = vec![0x30];
+        p.extend(remaining_length(120 * 1024));
+        p.extend([0, 3, b'a', b'/', b'b']);
+        p.resize(p.len() + 100 * 1024 - 5, b'x');
+        // The kernel takes what the gateway does not read yet.
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&p);
+        slow.push(s);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "a connection waiting for budget",
+        || gw.metric("edgehose_partial_packet_budget_waits_total") >= 1.0,
+    )
+    .unwrap();
+    // A well-behaved device is not held up.
+    let started = Instant::now();
+    let s = run_sim(
+        gw.mqtt_port,
+        &["-n", "1", "-m", "100", "--rate", "0", "--first-device", "7"],
+    )
+    .unwrap();
+    assert_eq!(s["acknowledged"], 100);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Every unfinished packet, waiting for budget or not, ends with its connection.
+    for mut s in slow {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the connection stayed open: {other:?}"),
+        }
+    }
+}

@@ -108,6 +108,7 @@ struct RawFrontDoor {
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     packet_timeout: Option<Duration>,
+    partial_packet_budget: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +230,9 @@ pub struct FrontDoorConfig {
     /// A packet whose first byte has arrived must be complete within this, whatever the
     /// keep-alive (a half-sent packet otherwise holds its buffer and slot for ever).
     pub packet_timeout: Duration,
+    /// Bytes all connections together may hold in packets still arriving (beyond a small
+    /// allowance each); a connection that would pass it stops reading until room frees.
+    pub partial_packet_budget: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -570,6 +574,10 @@ impl RawFrontDoor {
             receive_maximum,
             connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(10)),
             packet_timeout: self.packet_timeout.unwrap_or(Duration::from_secs(60)),
+            partial_packet_budget: self
+                .partial_packet_budget
+                .map_or(64 << 20, |b| b.as_u64())
+                .max(1 << 20),
         })
     }
 }

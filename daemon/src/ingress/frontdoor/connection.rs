@@ -47,6 +47,10 @@ async fn read_some(
     Ok(n)
 }
 
+/// Bytes of a packet still arriving that a connection may hold without drawing on the shared
+/// `partial_packet_budget` (telemetry never gets near it).
+pub const FREE_PARTIAL: usize = 16 * 1024;
+
 /// How long a connection waits at shutdown for its last acks.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 
@@ -302,6 +306,8 @@ impl Connection {
         let mut read_size = MIN_READ;
         // When the packet now in `inbuf` started to arrive, while it is incomplete.
         let mut partial_since: Option<Instant> = None;
+        // KiB of the shared budget held for that packet, and how many more it waits for.
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         loop {
             // Handle every whole packet already read, while the window has room.
             while self.inflight < window {
@@ -356,7 +362,28 @@ impl Connection {
                 }
                 outbuf.clear();
             }
-            let reading = self.inflight < window;
+            // A packet still arriving holds budget for what it holds beyond the allowance.
+            let want = match partial_since {
+                Some(_) => inbuf.len().saturating_sub(FREE_PARTIAL).div_ceil(1024) as u32,
+                None => 0,
+            };
+            let have = held.as_ref().map_or(0, |p| p.num_permits() as u32);
+            let mut starved: u32 = 0;
+            if want == 0 {
+                held = None;
+            } else if want > have {
+                match Arc::clone(&self.shared.partial_budget).try_acquire_many_owned(want - have) {
+                    Ok(p) => match &mut held {
+                        Some(h) => h.merge(p),
+                        None => held = Some(p),
+                    },
+                    Err(_) => {
+                        starved = want - have;
+                        metrics::counter!(m::PARTIAL_BUDGET_WAITS).increment(1);
+                    }
+                }
+            }
+            let reading = self.inflight < window && starved == 0;
             tokio::select! {
                 biased;
                 _ = taken_over.notified() => {
@@ -375,9 +402,17 @@ impl Connection {
                     Ok(0) | Err(_) => return End::Abnormal("connection closed without DISCONNECT"),
                     Ok(_) => deadline = Instant::now() + grace,
                 },
+                p = Arc::clone(&self.shared.partial_budget).acquire_many_owned(starved), if starved > 0 => {
+                    if let Ok(p) = p {
+                        match &mut held {
+                            Some(h) => h.merge(p),
+                            None => held = Some(p),
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(
                     partial_since.map_or(deadline, |p| p + self.shared.packet_timeout)
-                ), if reading && partial_since.is_some() => {
+                ), if self.inflight < window && partial_since.is_some() => {
                     static LOG: LogLimit = LogLimit::new();
                     if let Some(suppressed) = LOG.allow() {
                         warn!(client_id = ?self.client_id, timeout = ?self.shared.packet_timeout, suppressed, "a packet was not completed in time; disconnecting");

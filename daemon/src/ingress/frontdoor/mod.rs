@@ -31,6 +31,9 @@ pub struct Shared {
     pub receive_maximum: u16,
     pub connect_timeout: Duration,
     pub packet_timeout: Duration,
+    /// KiB all connections may hold in packets still arriving, beyond `connection::FREE_PARTIAL`
+    /// each.
+    pub partial_budget: Arc<tokio::sync::Semaphore>,
     /// Largest packet read; larger ones end the connection (MQTT 5: Packet too large).
     pub max_packet: usize,
     pub sessions: Sessions,
@@ -98,6 +101,9 @@ impl FrontDoor {
                 receive_maximum: cfg.receive_maximum,
                 connect_timeout: cfg.connect_timeout,
                 packet_timeout: cfg.packet_timeout,
+                partial_budget: Arc::new(tokio::sync::Semaphore::new(
+                    (cfg.partial_packet_budget / 1024) as usize,
+                )),
                 // Room for the topic and headers around the largest accepted payload, so an
                 // oversized payload is refused with a reason rather than a disconnect.
                 max_packet: (limits.max_payload * 2 + 64 * 1024).min(256 * 1024 * 1024),
