@@ -1,8 +1,7 @@
 //! A damaged buffer file at start: checked, and if damaged, salvaged instead of abandoned.
 //!
-//! At start the file gets `PRAGMA quick_check` (every page read once: proportionate to the
-//! file's size, well under a second for the default 256 MiB bound on an SD card class disk is
-//! not promised; it is a linear read). If SQLite cannot open it or the check finds damage, the
+//! At start the file gets `PRAGMA quick_check`: every page read once, so it costs a linear read
+//! of the file (bounded by `buffer.max_size`). If SQLite cannot open it or the check finds damage, the
 //! file (with its `-wal` and `-shm`) is moved aside as `<name>.damaged-<UTC time>`, a fresh
 //! buffer is created in its place, and every row that can still be read is copied over with
 //! its ids: the stream names, the destinations' positions (so nothing delivered is delivered
@@ -267,23 +266,27 @@ fn copy_readable(old: &Connection, new: &Connection, out: &mut Salvage) -> rusql
     let mut prev_end: Option<i64> = None;
     for (seq, first_id, format) in segments {
         let table = format!("seg_{seq}");
-        let sql: Option<String> = old
+        let sql = old
             .query_row(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
                 params![table],
-                |r| r.get(0),
+                |r| r.get::<_, String>(0),
             )
-            .optional()
-            .unwrap_or(None);
-        let Some(sql) = sql else {
-            error!(
-                segment = seq,
-                "a segment's table is gone from the damaged buffer"
-            );
-            if let Some(first) = first_id {
-                out.lost.push((first, first));
+            .optional();
+        let sql = match sql {
+            Ok(Some(sql)) => sql,
+            // Its ids are counted lost with the gap before the next readable segment.
+            Ok(None) => {
+                error!(
+                    segment = seq,
+                    "a segment's table is gone from the damaged buffer"
+                );
+                continue;
             }
-            continue;
+            Err(e) => {
+                error!(segment = seq, error = %e, "a segment's table definition cannot be read");
+                continue;
+            }
         };
         tx.execute_batch(&sql)?;
         let first = first_id.unwrap_or(0);
