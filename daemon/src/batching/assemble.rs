@@ -19,6 +19,7 @@ use rusqlite::Connection;
 
 use crate::buffer::store;
 use crate::config::{BatchingConfig, Compression};
+use crate::templates::json_field::{self, Field};
 use crate::templates::keys::PrefixTemplate;
 
 /// Firehose's limit on partitions buffering at once (AWS-SEMANTICS 8); more go to the error
@@ -82,8 +83,8 @@ pub struct Selection<'a> {
 
 enum Body {
     Plain(BufWriter<File>),
-    Gzip(GzEncoder<BufWriter<File>>),
-    // Boxed: the frame encoder carries its buffers inline.
+    // Boxed: both encoders carry their state inline.
+    Gzip(Box<GzEncoder<BufWriter<File>>>),
     Snappy(Box<snap::write::FrameEncoder<BufWriter<File>>>),
 }
 
@@ -92,7 +93,10 @@ impl Body {
         let file = BufWriter::with_capacity(buffer, File::create(path)?);
         Ok(match compression {
             Compression::None => Body::Plain(file),
-            Compression::Gzip => Body::Gzip(GzEncoder::new(file, flate2::Compression::default())),
+            Compression::Gzip => Body::Gzip(Box::new(GzEncoder::new(
+                file,
+                flate2::Compression::default(),
+            ))),
             Compression::Snappy => Body::Snappy(Box::new(snap::write::FrameEncoder::new(file))),
         })
     }
@@ -138,37 +142,26 @@ enum Placement {
 /// Reads the partition values of one record: each name is a (dotted) JSON field whose value is
 /// a string, number or boolean.
 fn partition_of(payload: &[u8], names: &[String]) -> Placement {
-    let value: serde_json::Value = match serde_json::from_slice(payload) {
-        Ok(v) => v,
-        Err(e) => {
-            return Placement::Error(
-                METADATA_EXTRACTION_FAILED,
-                format!("record is not JSON: {e}"),
-            )
-        }
-    };
     let mut values = Vec::with_capacity(names.len());
     for name in names {
-        let mut at = &value;
-        for step in name.split('.') {
-            match at.get(step) {
-                Some(v) => at = v,
-                None => {
-                    return Placement::Error(
-                        METADATA_EXTRACTION_FAILED,
-                        format!("record has no field {name:?}"),
-                    )
-                }
+        let text = match json_field::find(payload, name) {
+            Ok(Field::Scalar(text)) => text,
+            Ok(Field::Missing) => {
+                return Placement::Error(
+                    METADATA_EXTRACTION_FAILED,
+                    format!("record has no field {name:?}"),
+                )
             }
-        }
-        let text = match at {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
-            _ => {
+            Ok(Field::Other) => {
                 return Placement::Error(
                     METADATA_EXTRACTION_FAILED,
                     format!("field {name:?} is not a string, number or boolean"),
+                )
+            }
+            Err(e) => {
+                return Placement::Error(
+                    METADATA_EXTRACTION_FAILED,
+                    format!("record is not JSON: {e}"),
                 )
             }
         };

@@ -621,6 +621,7 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
     fn landed(&mut self, f: &Flight<D::Batch>, report: Report) {
         self.recovered();
         let name = self.name.clone();
+        tracing::debug!(destination = %name, records = f.extent.records, objects = report.objects, last_id = f.extent.last_id, "batch delivered");
         for (code, n) in &report.errors {
             warn!(destination = %name, code, records = n, "records went to the error output");
             metrics::counter!(m::ERROR_RECORDS, "destination" => name.clone(), "code" => *code)
