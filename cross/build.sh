@@ -30,6 +30,9 @@ for t in "${targets[@]}"; do
     g=$(gcc_for "$t")
     [ "$g" = x86_64-linux-gnu ] && continue
     command -v "$g-gcc" >/dev/null || need+=("gcc-$g")
+    # The cross gcc only recommends its C library headers; --no-install-recommends leaves them out.
+    case $g in aarch64-*) a=arm64 ;; *) a=armhf ;; esac
+    [ -e "/usr/$g/include/stdio.h" ] || need+=("libc6-dev-$a-cross")
 done
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 if [ ${#need[@]} -gt 0 ]; then

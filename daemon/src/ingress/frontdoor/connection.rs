@@ -529,7 +529,7 @@ impl Connection {
                     let (topic, payload) = (topic.clone(), payload.clone());
                     move |outcome: Outcome| {
                         if outcome == Outcome::Committed {
-                            shared.pubsub.publish(topic, payload, qos, retain);
+                            shared.pubsub.committed(topic, payload, qos, retain);
                         }
                     }
                 });

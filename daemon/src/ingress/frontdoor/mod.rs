@@ -2,10 +2,11 @@
 //! means "committed to SQLite". Packets are parsed and written by rumqttc's `mqttbytes` codecs
 //! ([`codec`]); each connection is a task ([`connection`]); a client id has at most one live
 //! connection, the newest ([`Sessions`]); committed messages reach local subscribers through
-//! [`pubsub`].
+//! [`pubsub`], its filters indexed by [`filter_index`].
 
 pub mod codec;
 pub mod connection;
+pub mod filter_index;
 pub mod pubsub;
 
 use std::collections::HashMap;
@@ -37,7 +38,7 @@ pub struct Shared {
     /// Largest packet read; larger ones end the connection (MQTT 5: Packet too large).
     pub max_packet: usize,
     pub sessions: Sessions,
-    pub pubsub: pubsub::PubSub,
+    pub pubsub: Arc<pubsub::PubSub>,
 }
 
 /// Live connections by client id. Registering an id that is live tells the older connection
@@ -108,7 +109,7 @@ impl FrontDoor {
                 // oversized payload is refused with a reason rather than a disconnect.
                 max_packet: (limits.max_payload * 2 + 64 * 1024).min(256 * 1024 * 1024),
                 sessions: Sessions::default(),
-                pubsub: pubsub::PubSub::default(),
+                pubsub: Arc::default(),
             }),
         })
     }
@@ -117,6 +118,11 @@ impl FrontDoor {
     pub async fn run(self, mut shutdown: Shutdown) {
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut connections = JoinSet::new();
+        // Local fan-out, off the buffer writer's thread; it ends with the front door.
+        let fanout = {
+            let pubsub = Arc::clone(&self.shared.pubsub);
+            tokio::spawn(async move { pubsub.run_fanout().await })
+        };
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -152,6 +158,7 @@ impl FrontDoor {
         drop(self.listener);
         drop(self.shared);
         while connections.join_next().await.is_some() {}
+        fanout.abort();
         info!("MQTT front door stopped");
     }
 }

@@ -8,7 +8,14 @@
 //! `clean_session = 0`, MQTT 5 session expiry > 0) outlives its connection, so a device that
 //! reconnects gets what was published meanwhile; sessions live in memory, not across restarts.
 //!
-//! Subscribers never slow publishers: a full queue drops its oldest message, counted in
+//! Fan-out runs off the buffer writer's thread: the commit callback only updates the retained
+//! store and appends the message to a bounded queue ([`PubSub::committed`]); a task
+//! ([`PubSub::run_fanout`]) looks the topic up in a trie of every session's filters
+//! ([`FilterIndex`]) and queues it for the matching sessions, a batch per lock.
+//!
+//! Subscribers never slow publishers: a full session queue drops its oldest message, and a
+//! fan-out queue past [`FANOUT_QUEUE_BYTES`] drops the new message for local subscribers (it is
+//! committed and delivered to destinations all the same); both are counted in
 //! `edgehose_local_fanout_dropped_total`.
 //!
 //! Why not rumqttd's local links, as first planned: rumqttd 0.20 gives an embedder no way to
@@ -23,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::filter_index::FilterIndex;
 use crate::metrics as m;
 use crate::templates::topic::TopicFilter;
 
@@ -32,6 +40,11 @@ pub const SESSION_QUEUE: usize = 1024;
 /// SUBSCRIBE's new filters are refused (MQTT 5: Quota exceeded), so one client cannot make every
 /// publish scan thousands of its filters.
 pub const MAX_FILTERS: usize = 50;
+/// Topic and payload bytes of committed messages waiting for the fan-out task; past it a
+/// message is not fanned out (counted as dropped).
+pub const FANOUT_QUEUE_BYTES: usize = 16 << 20;
+/// Messages the fan-out task handles per lock of the sessions.
+const FANOUT_BATCH: usize = 256;
 
 /// Bounds on what clients can make the gateway keep in memory for them.
 #[derive(Debug, Clone, Copy)]
@@ -90,16 +103,33 @@ pub struct Opened {
 pub struct PubSub {
     bounds: Bounds,
     inner: Mutex<Inner>,
-    /// Sessions with at least one filter: lets publishers skip the lock.
+    /// Its own lock: the commit callback updates it without waiting for a fan-out batch.
+    retained: Mutex<Retained>,
+    queue: Mutex<Queued>,
+    queued: Notify,
+    /// (filter, session) entries in the index: lets publishers skip the locks.
     subscribed: AtomicUsize,
 }
 
 #[derive(Default)]
+struct Retained {
+    messages: HashMap<Bytes, Bytes>,
+    /// Topic + payload bytes of `messages`.
+    bytes: usize,
+}
+
+/// Committed messages waiting for the fan-out task.
+#[derive(Default)]
+struct Queued {
+    messages: VecDeque<(Bytes, Bytes, u8)>,
+    bytes: usize,
+}
+
+#[derive(Default)]
 struct Inner {
-    sessions: HashMap<String, Session>,
-    retained: HashMap<Bytes, Bytes>,
-    /// Topic + payload bytes of `retained`.
-    retained_bytes: usize,
+    sessions: HashMap<Arc<str>, Session>,
+    /// Every session's filters, for fan-out.
+    index: FilterIndex,
     /// When offline sessions were last swept (at most once a second: a sweep visits every
     /// session).
     swept: Option<std::time::Instant>,
@@ -109,11 +139,13 @@ struct Inner {
 }
 
 impl Inner {
-    fn count_subscribed(&self) -> usize {
-        self.sessions
-            .values()
-            .filter(|s| !s.filters.is_empty())
-            .count()
+    /// Removes a session and its filters from the index.
+    fn remove(&mut self, client_id: &str) -> Option<Session> {
+        let s = self.sessions.remove(client_id)?;
+        for (f, _) in &s.filters {
+            self.index.remove(f, client_id);
+        }
+        Some(s)
     }
 }
 
@@ -138,20 +170,18 @@ impl PubSub {
         inner.swept = Some(now);
         let expiry = self.bounds.session_expiry;
         let before = inner.sessions.len();
-        inner.sessions.retain(|_, s| {
-            s.offline_since
-                .is_none_or(|t| now.duration_since(t) < expiry)
-        });
-        let mut offline: Vec<(std::time::Instant, String)> = inner
+        let mut offline: Vec<(std::time::Instant, Arc<str>)> = inner
             .sessions
             .iter()
-            .filter_map(|(id, s)| s.offline_since.map(|t| (t, id.clone())))
+            .filter_map(|(id, s)| s.offline_since.map(|t| (t, Arc::clone(id))))
             .collect();
-        if offline.len() > self.bounds.max_offline_sessions {
-            offline.sort();
-            let excess = offline.len() - self.bounds.max_offline_sessions;
-            for (_, id) in offline.into_iter().take(excess) {
-                inner.sessions.remove(&id);
+        offline.sort();
+        let excess = offline
+            .len()
+            .saturating_sub(self.bounds.max_offline_sessions);
+        for (i, (since, id)) in offline.into_iter().enumerate() {
+            if i < excess || now.duration_since(since) >= expiry {
+                inner.remove(&id);
             }
         }
         inner.offline = inner
@@ -175,8 +205,7 @@ impl PubSub {
     }
 
     fn recount(&self, inner: &Inner) {
-        self.subscribed
-            .store(inner.count_subscribed(), Ordering::Relaxed);
+        self.subscribed.store(inner.index.len(), Ordering::Relaxed);
     }
 
     /// Opens `client_id`'s session for a new connection: resumes a persistent one when asked
@@ -208,8 +237,9 @@ impl PubSub {
             }
             None => {
                 let notify = Arc::new(Notify::new());
-                let replaced = inner.sessions.insert(
-                    client_id.to_string(),
+                let replaced = inner.remove(client_id);
+                inner.sessions.insert(
+                    client_id.into(),
                     Session {
                         generation,
                         persistent,
@@ -256,70 +286,125 @@ impl PubSub {
                 s.notify.notify_one();
             }
         } else if latest {
-            inner.sessions.remove(client_id);
+            inner.remove(client_id);
         }
         self.expire(inner);
         self.recount(inner);
     }
 
-    /// Fans a committed message out to the matching sessions and keeps it if retained.
-    pub fn publish(&self, topic: Bytes, payload: Bytes, qos: u8, retain: bool) {
-        let mut inner = self.lock();
+    /// Called once a message is committed (on the buffer writer's thread, so it only takes
+    /// short locks): keeps it if retained, and queues it for the fan-out task if anyone
+    /// subscribes.
+    pub fn committed(&self, topic: Bytes, payload: Bytes, qos: u8, retain: bool) {
         if retain {
-            let old = inner
-                .retained
-                .get(&topic)
-                .map_or(0, |p| topic.len() + p.len());
-            if payload.is_empty() {
-                inner.retained.remove(&topic);
-                inner.retained_bytes -= old;
-            } else {
-                let bytes = inner.retained_bytes - old + topic.len() + payload.len();
-                let count = inner.retained.len() + usize::from(old == 0);
-                if bytes <= self.bounds.max_retained_bytes && count <= self.bounds.max_retained {
-                    inner.retained.insert(topic.clone(), payload.clone());
-                    inner.retained_bytes = bytes;
-                } else {
-                    metrics::counter!(m::RETAINED_REFUSED).increment(1);
-                    static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
-                    if let Some(suppressed) = LOG.allow() {
-                        tracing::warn!(
-                            topic = ?String::from_utf8_lossy(&topic),
-                            retained = inner.retained.len(),
-                            retained_bytes = inner.retained_bytes,
-                            suppressed,
-                            "retained messages are at their bound: this one is delivered but not retained"
-                        );
-                    }
-                }
+            self.retain(&topic, &payload);
+        }
+        if self.subscribed.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let size = topic.len() + payload.len();
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.bytes + size > FANOUT_QUEUE_BYTES {
+            drop(q);
+            metrics::counter!(m::LOCAL_FANOUT_DROPPED).increment(1);
+            return;
+        }
+        q.bytes += size;
+        q.messages.push_back((topic, payload, qos));
+        drop(q);
+        self.queued.notify_one();
+    }
+
+    /// Fans queued messages out to the matching sessions, until the task is dropped.
+    pub async fn run_fanout(&self) {
+        let mut batch = Vec::with_capacity(FANOUT_BATCH);
+        loop {
+            {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.messages.len().min(FANOUT_BATCH);
+                batch.extend(q.messages.drain(..n));
+                q.bytes -= batch
+                    .iter()
+                    .map(|(t, p, _)| t.len() + p.len())
+                    .sum::<usize>();
+            }
+            if batch.is_empty() {
+                self.queued.notified().await;
+                continue;
+            }
+            self.fan_out(batch.drain(..));
+            // Let the connections this batch woke take their messages.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Keeps a retained message (an empty payload clears the topic's), within the bounds.
+    fn retain(&self, topic: &Bytes, payload: &Bytes) {
+        let mut r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        let old = r.messages.get(topic).map_or(0, |p| topic.len() + p.len());
+        if payload.is_empty() {
+            r.messages.remove(topic);
+            r.bytes -= old;
+            return;
+        }
+        let bytes = r.bytes - old + topic.len() + payload.len();
+        let count = r.messages.len() + usize::from(old == 0);
+        if bytes <= self.bounds.max_retained_bytes && count <= self.bounds.max_retained {
+            r.messages.insert(topic.clone(), payload.clone());
+            r.bytes = bytes;
+        } else {
+            metrics::counter!(m::RETAINED_REFUSED).increment(1);
+            static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
+            if let Some(suppressed) = LOG.allow() {
+                tracing::warn!(
+                    topic = ?String::from_utf8_lossy(topic),
+                    retained = r.messages.len(),
+                    retained_bytes = r.bytes,
+                    suppressed,
+                    "retained messages are at their bound: this one is delivered but not retained"
+                );
             }
         }
-        let Ok(text) = std::str::from_utf8(&topic) else {
-            return;
-        };
+    }
+
+    /// Retains and fans out at once, without the queue (tests, and callers that are not on
+    /// the commit path).
+    pub fn publish(&self, topic: Bytes, payload: Bytes, qos: u8, retain: bool) {
+        if retain {
+            self.retain(&topic, &payload);
+        }
+        self.fan_out(std::iter::once((topic, payload, qos)));
+    }
+
+    /// Queues each message for the sessions whose filters match its topic.
+    fn fan_out(&self, messages: impl Iterator<Item = (Bytes, Bytes, u8)>) {
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        let mut matched = Vec::new();
         let mut dropped = 0u64;
-        for s in inner.sessions.values_mut() {
-            let Some(granted) = s
-                .filters
-                .iter()
-                .filter(|(f, _)| f.matches(text))
-                .map(|(_, q)| *q)
-                .max()
-            else {
+        for (topic, payload, qos) in messages {
+            let Ok(text) = std::str::from_utf8(&topic) else {
                 continue;
             };
-            if s.queue.len() >= SESSION_QUEUE {
-                s.queue.pop_front();
-                dropped += 1;
+            matched.clear();
+            inner.index.matches(text, &mut matched);
+            for (id, granted) in &matched {
+                let Some(s) = inner.sessions.get_mut(&**id) else {
+                    continue;
+                };
+                if s.queue.len() >= SESSION_QUEUE {
+                    s.queue.pop_front();
+                    dropped += 1;
+                }
+                s.queue.push_back(Delivery {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                    qos: (*granted).min(qos),
+                    retain: false,
+                    dup: false,
+                });
+                s.notify.notify_one();
             }
-            s.queue.push_back(Delivery {
-                topic: topic.clone(),
-                payload: payload.clone(),
-                qos: granted.min(qos),
-                retain: false,
-                dup: false,
-            });
-            s.notify.notify_one();
         }
         if dropped > 0 {
             metrics::counter!(m::LOCAL_FANOUT_DROPPED).increment(dropped);
@@ -345,21 +430,30 @@ impl PubSub {
     /// Adds filters (with their granted QoS) to a session; queues the retained messages they
     /// match, to be sent after the SUBACK.
     pub fn subscribe(&self, client_id: &str, filters: &[(TopicFilter, u8)]) {
-        let mut inner = self.lock();
-        let retained: Vec<(Bytes, Bytes)> = inner
+        let retained: Vec<(Bytes, Bytes)> = self
             .retained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .messages
             .iter()
             .filter(|(topic, _)| {
                 std::str::from_utf8(topic).is_ok_and(|t| filters.iter().any(|(f, _)| f.matches(t)))
             })
             .map(|(t, p)| (t.clone(), p.clone()))
             .collect();
-        if let Some(s) = inner.sessions.get_mut(client_id) {
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        let id = inner
+            .sessions
+            .get_key_value(client_id)
+            .map(|(k, _)| Arc::clone(k));
+        if let (Some(id), Some(s)) = (id, inner.sessions.get_mut(client_id)) {
             for (f, q) in filters {
                 match s.filters.iter_mut().find(|(g, _)| g == f) {
                     Some(existing) => existing.1 = *q,
                     None => s.filters.push((f.clone(), *q)),
                 }
+                inner.index.insert(f, &id, *q);
             }
             for (topic, payload) in retained {
                 let qos = filters
@@ -378,16 +472,22 @@ impl PubSub {
             }
             s.notify.notify_one();
         }
-        self.recount(&inner);
+        self.recount(inner);
     }
 
     pub fn unsubscribe(&self, client_id: &str, filters: &[String]) {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
         if let Some(s) = inner.sessions.get_mut(client_id) {
-            s.filters
-                .retain(|(f, _)| !filters.iter().any(|u| u == f.as_str()));
+            s.filters.retain(|(f, _)| {
+                let gone = filters.iter().any(|u| u == f.as_str());
+                if gone {
+                    inner.index.remove(f, client_id);
+                }
+                !gone
+            });
         }
-        self.recount(&inner);
+        self.recount(inner);
     }
 
     /// Takes up to `max` queued messages for a session.
@@ -514,6 +614,77 @@ mod tests {
         ps.close("p2", two.generation, Vec::new());
         assert!(!ps.open("p1", true).present);
         assert!(ps.open("p2", true).present);
+    }
+
+    #[tokio::test]
+    async fn committed_messages_are_fanned_out_by_the_task_in_order_within_a_bounded_queue() {
+        let ps = Arc::new(PubSub::default());
+        // Nobody subscribes: nothing is queued, but a retained message is kept at once.
+        ps.committed(b("cfg/a"), b("v1"), 1, true);
+        assert_eq!(ps.queue.lock().unwrap().messages.len(), 0);
+        ps.open("s", false);
+        ps.subscribe("s", &[f("t/#", 1), f("cfg/+", 0)]);
+        assert_eq!(
+            ps.take("s", 10).len(),
+            1,
+            "the retained one, on subscribing"
+        );
+        // The task is not running yet: the queue fills up to its bound, then drops.
+        let big = Bytes::from(vec![b'x'; 1 << 20]);
+        for _ in 0..17 {
+            ps.committed(b("t/big"), big.clone(), 1, false);
+        }
+        let queued = ps.queue.lock().unwrap().messages.len();
+        assert_eq!(queued, 15, "16 MiB of topic + payload");
+        ps.committed(b("cfg/a"), b("v2"), 1, true); // retained even with the queue full
+        let task = tokio::spawn({
+            let ps = Arc::clone(&ps);
+            async move { ps.run_fanout().await }
+        });
+        let mut got = Vec::new();
+        while got.len() < 16 {
+            got.extend(ps.take("s", 100));
+            tokio::task::yield_now().await;
+        }
+        let (big, small): (Vec<_>, Vec<_>) = got.iter().partition(|d| d.topic == b("t/big"));
+        assert_eq!(big.len(), 15);
+        // The small one still fitted; the subscriber's `cfg/+` was granted QoS 0.
+        assert_eq!((&small[0].payload, small[0].qos), (&b("v2"), 0));
+        // Once there is room, messages flow again, in commit order.
+        for p in ["1", "2", "3"] {
+            ps.committed(b("t/n"), Bytes::from(p), 1, false);
+        }
+        let mut order = Vec::new();
+        while order.len() < 3 {
+            order.extend(ps.take("s", 100).into_iter().map(|d| d.payload));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(order, [b("1"), b("2"), b("3")]);
+        task.abort();
+        ps.open("late", false);
+        ps.subscribe("late", &[f("cfg/a", 1)]);
+        assert_eq!(ps.take("late", 10)[0].payload, b("v2"));
+    }
+
+    #[test]
+    fn replaced_and_expired_sessions_leave_the_index() {
+        let ps = PubSub::new(Bounds {
+            session_expiry: std::time::Duration::ZERO,
+            ..Bounds::default()
+        });
+        let one = ps.open("p", true);
+        ps.subscribe("p", &[f("a/#", 1), f("b", 1)]);
+        assert_eq!(ps.lock().index.len(), 2);
+        ps.open("p", false); // a clean start replaces the session
+        assert_eq!(ps.lock().index.len(), 0);
+        assert!(!ps.wants(false));
+        ps.subscribe("p", &[f("a/#", 1)]);
+        let two = ps.open("q", true);
+        ps.subscribe("q", &[f("a/#", 0)]);
+        ps.close("q", two.generation, Vec::new()); // offline, expires at the next sweep
+        ps.close("p", one.generation + 1, Vec::new());
+        let _ = ps.open("r", false);
+        assert_eq!(ps.lock().index.len(), 0);
     }
 
     #[test]
