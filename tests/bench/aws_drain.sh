@@ -8,8 +8,11 @@
 # Usage: tests/bench/aws_drain.sh [records=1000000] [s3|s3-partitioned|kinesis|kinesis-agg]
 #        (ORDERING=none for Kinesis requests filled regardless of partition keys;
 #         PUT_CONCURRENCY=n for the s3 targets' put_concurrency, default the daemon's)
-# s3-partitioned: one gzip object per device (100 per flush); after the drain, s3_ceiling.py
-# puts the same objects with boto3 at its best concurrency, and the ratio is printed.
+# s3-partitioned: one gzip object per device (100 per flush), drained TRIALS times (default 5)
+# from copies of the same filled buffer, each timed by the daemon's own log (its destination
+# loop starting -> the last batch delivered); then s3_ceiling.py puts the same objects with
+# boto3 at its best configuration (concurrency among CEILING_LEVELS, default 1 2 4 8 16, with
+# and without request checksums) as many times, and the ratio of the medians is printed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 records=${1:-1000000}
@@ -22,7 +25,7 @@ mqtt=$(free_port); admin=$(free_port); moto=$(free_port)
 endpoint="http://127.0.0.1:$moto"
 $venv/bin/moto_server -H 127.0.0.1 -p "$moto" > "$scratch/moto.log" 2>&1 &
 moto_pid=$!
-trap 'kill $moto_pid 2>/dev/null || true' EXIT
+trap 'kill $moto_pid 2>/dev/null || true; rm -rf "$scratch"' EXIT
 for _ in $(seq 300); do curl -sf "$endpoint/moto-api/" >/dev/null && break; sleep 0.1; done
 rb() { $venv/bin/python tests/aws/read_back.py "$1" "$endpoint" "${@:2}" > /dev/null; }
 
@@ -71,35 +74,68 @@ $bin/firmware-sim --port "$mqtt" --devices 100 --messages $((records / 100)) --r
     --payload-size 200 --json > /dev/null
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 
-start=$(date +%s.%N)
-$bin/edgehose run --config "$scratch/drain.toml" 2> "$scratch/drain.log" &
-pid=$!
-bench_wait_ready
-ready_at=$(date +%s.%N)
-until [ "$(metric 'edgehose_records_delivered_total{destination="local"}')" = "$records" ]; do
-    if ! kill -0 "$pid" 2>/dev/null; then cat "$scratch/drain.log" >&2; exit 1; fi
-    sleep 0.1
+# One drain of the filled buffer into bucket $1 (s3 targets); sets start, ready_at, done_at
+# (the script's clock), took (the daemon's own log: its destination loop starting to the last
+# batch delivered, microsecond stamps, no polling in the figure), hwm and the metrics below.
+drain() {
+    rm -rf "$scratch/data"; cp -a "$scratch/filled" "$scratch/data"
+    DEST_TOML=${DEST_TOML//\"bench\"/\"$1\"} bench_config > "$scratch/drain.toml"
+    start=$(date +%s.%N)
+    EDGEHOSE_LOG=info,edgehose::batching::engine=debug \
+        $bin/edgehose run --config "$scratch/drain.toml" 2> "$scratch/drain.log" &
+    pid=$!
+    bench_wait_ready
+    ready_at=$(date +%s.%N)
+    until [ "$(metric 'edgehose_records_delivered_total{destination="local"}')" = "$records" ]; do
+        if ! kill -0 "$pid" 2>/dev/null; then cat "$scratch/drain.log" >&2; exit 1; fi
+        sleep 0.1
+    done
+    done_at=$(date +%s.%N)
+    hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+    units=$(metric 'edgehose_kinesis_put_units_total{destination="local"}')
+    krecs=$(metric 'edgehose_kinesis_records_total{destination="local"}')
+    reqs=$(metric 'edgehose_kinesis_requests_total{destination="local"}')
+    objects=$(metric 'edgehose_batches_delivered_total{destination="local"}')
+    kill -TERM "$pid"; wait "$pid" || true
+    cp "$scratch/drain.log" "${KEEP_LOG:-/dev/null}" 2>/dev/null || true
+    local first prepared last
+    first=$(grep -m1 'destination started' "$scratch/drain.log" | awk '{print $1}')
+    prepared=$(grep -m1 'batch prepared' "$scratch/drain.log" | awk '{print $1}')
+    last=$(grep 'batch delivered' "$scratch/drain.log" | tail -1 | awk '{print $1}')
+    took=$(awk -v a="$(date -d "$first" +%s.%N)" -v b="$(date -d "$last" +%s.%N)" 'BEGIN { printf "%.3f", b - a }')
+    # Counting the backlog and assembling the first batch, before its first put.
+    before_put=$(awk -v a="$(date -d "$first" +%s.%N)" -v b="$(date -d "$prepared" +%s.%N)" 'BEGIN { printf "%.3f", b - a }')
+}
+mv "$scratch/data" "$scratch/filled"
+
+if [ "$target" != s3-partitioned ]; then
+    drain bench
+    awk -v s="$start" -v d="$done_at" -v n="$records" -v m="$hwm" -v t="$target" 'BEGIN {
+        printf "%s: backlog of %d records delivered in %.1f s (%.0f records/s), peak RSS %d MiB\n",
+            t, n, d - s, n / (d - s), m / 1024 }'
+    case $target in
+    s3) echo "objects: $objects" ;;
+    *) awk -v u="${units:-0}" -v k="${krecs:-0}" -v r="${reqs:-0}" -v n="$records" 'BEGIN {
+        printf "Kinesis records: %d, PutRecords requests: %d, PUT payload units: %d (%.1f per 1,000 readings)\n",
+            k, r, u, u * 1000 / n }' ;;
+    esac
+    exit 0
+fi
+
+# s3-partitioned: TRIALS drains of the same filled buffer, each into a fresh bucket, then the
+# plain client's ceiling on the same objects (median of its own runs at its best configuration).
+times=(); puts=()
+for i in $(seq "${TRIALS:-5}"); do
+    rb create-bucket "bench$i"
+    drain "bench$i"
+    echo "  drain $i: $objects objects in $took s (destination start -> last batch delivered; $before_put s of it before the first put), peak RSS $((hwm / 1024)) MiB" >&2
+    times+=("$took")
+    puts+=("$(awk -v t="$took" -v b="$before_put" 'BEGIN { printf "%.3f", t - b }')")
 done
-done_at=$(date +%s.%N)
-hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-units=$(metric 'edgehose_kinesis_put_units_total{destination="local"}')
-krecs=$(metric 'edgehose_kinesis_records_total{destination="local"}')
-reqs=$(metric 'edgehose_kinesis_requests_total{destination="local"}')
-objects=$(metric 'edgehose_batches_delivered_total{destination="local"}')
-cp "$scratch/drain.log" "${KEEP_LOG:-/dev/null}" 2>/dev/null || true
-bench_stop
-awk -v s="$start" -v d="$done_at" -v n="$records" -v m="$hwm" -v t="$target" 'BEGIN {
-    printf "%s: backlog of %d records delivered in %.1f s (%.0f records/s), peak RSS %d MiB\n",
-        t, n, d - s, n / (d - s), m / 1024 }'
-case $target in
-s3) echo "objects: $objects" ;;
-s3-partitioned)
-    echo "objects: $objects, put in $(awk -v r="$ready_at" -v d="$done_at" 'BEGIN { printf "%.3f", d - r }') s from ready to the last delivered"
-    ceiling=$($venv/bin/python tests/bench/s3_ceiling.py "$endpoint" bench)
-    echo "$ceiling"
-    awk -v r="$ready_at" -v d="$done_at" -v c="$(echo "$ceiling" | sed -E 's/.*best ([0-9.]+) s.*/\1/')" 'BEGIN {
-        printf "drain vs a plain client putting the same objects: %.2fx (ceiling %.3f s / drain %.3f s)\n", c / (d - r), c, d - r }' ;;
-*) awk -v u="${units:-0}" -v k="${krecs:-0}" -v r="${reqs:-0}" -v n="$records" 'BEGIN {
-    printf "Kinesis records: %d, PutRecords requests: %d, PUT payload units: %d (%.1f per 1,000 readings)\n",
-        k, r, u, u * 1000 / n }' ;;
-esac
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { printf "%.3f [%.3f-%.3f]", v[int((NR + 1) / 2)], v[1], v[NR] }'; }
+drain_med=$(median "${times[@]}")
+echo "s3-partitioned: $records records, $objects objects, drain median ${drain_med} s over ${#times[@]} runs (put_concurrency ${PUT_CONCURRENCY:-default}), of which the puts $(median "${puts[@]}") s"
+ceiling=$($venv/bin/python tests/bench/s3_ceiling.py "$endpoint" "bench${TRIALS:-5}" --runs "${TRIALS:-5}" ${CEILING_LEVELS:-})
+echo "$ceiling"
+awk -v d="${drain_med%% *}" -v c="$(echo "$ceiling" | sed -E 's/.*median ([0-9.]+) s.*/\1/')" 'BEGIN {
+    printf "drain vs a plain client putting the same objects: %.2fx (ceiling median %.3f s / drain median %.3f s)\n", c / d, c, d }'

@@ -445,6 +445,7 @@ impl<D: Delivery, J: Journal> Engine<D, J> {
 
     /// Runs until shutdown has begun, ingest is closed and everything is delivered.
     pub async fn run(mut self) -> Self {
+        tracing::debug!(destination = %self.name, delivered_id = self.delivered_id, "destination started");
         if let State::Flushing(f) = &self.state {
             info!(destination = %self.name, last_id = f.extent.last_id, "replaying the batch that was in flight");
         }
