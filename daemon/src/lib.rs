@@ -33,6 +33,7 @@ pub mod sinks;
 
 pub mod admin;
 pub mod failpoint;
+pub mod fuzz;
 pub mod health;
 pub mod metrics;
 pub mod ratelimit;
@@ -110,8 +111,9 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
         );
     }
     // The watchdog holds the control channel weakly: its pings must not keep the writer alive.
+    // The front door holds it until it has saved its sessions at shutdown.
     let watchdog_control = buffer.control.downgrade();
-    drop(buffer.control);
+    let mut sessions_control = Some(buffer.control);
 
     let admin = match config.admin.listen {
         Some(addr) => Some(tokio::spawn(
@@ -128,6 +130,8 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
                 &config.ingress.limits,
                 router,
                 buffer.ingest,
+                buffer.sessions,
+                sessions_control.take().expect("taken once"),
             )
             .await?;
             tokio::spawn(door.run(shutdown.clone()))
@@ -149,6 +153,8 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
             shutdown.clone(),
         )),
     };
+    // Only the front door saves sessions; otherwise the writer must not wait for this sender.
+    drop(sessions_control);
     let clock = tokio::spawn(clock::watch_steps(shutdown.clone()));
     info!("edgehose ready");
     service::ready();

@@ -1,6 +1,8 @@
-//! kill -9 during load: what the buffer committed before the kill is delivered after a restart,
-//! exactly once. With the front door nothing acknowledged is lost; with the embedded rumqttd
-//! what it acknowledged but never handed over is counted and reported.
+//! kill -9 and power cuts during load: what the buffer committed before the kill is delivered
+//! after a restart, exactly once. With the front door nothing acknowledged is lost; with the
+//! embedded rumqttd what it acknowledged but never handed over is counted and reported. A power
+//! cut (the shim of `tests/powercut/`: every write not yet fsynced is gone) loses nothing
+//! acknowledged with `synchronous = "full"`; what `"normal"` loses is measured and reported.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -59,18 +61,38 @@ async fn device(port: u16, n: usize, acked: Seen) {
     publisher.abort();
 }
 
-fn committed_in_buffer(db: &std::path::Path) -> HashSet<(String, u64)> {
+/// What the buffer file holds; with `lenient`, a file a power cut left unreadable holds
+/// nothing (`synchronous = "normal"` can lose even the tables of a young buffer).
+fn committed_in_buffer(db: &std::path::Path, lenient: bool) -> HashSet<(String, u64)> {
+    let records = match try_buffered_payloads(db) {
+        Ok(r) => r,
+        Err(e) if lenient => {
+            println!("the buffer file after the power cut: {e:#}");
+            Vec::new()
+        }
+        Err(e) => panic!("{e:#}"),
+    };
     device_seqs(&[Object {
         key: String::new(),
-        records: buffered_payloads(db),
+        records,
     }])
     .into_iter()
     .collect()
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// kill -9 of the front door.
+    Kill9,
+    /// kill -9 of the embedded rumqttd mode.
+    Kill9Rumqttd,
+    /// A power cut with this `buffer.synchronous`.
+    PowerCut(&'static str),
+}
+
 #[test]
 fn front_door_kill_9_during_load_loses_nothing_acknowledged() {
-    let report = kill_9_trials(20, false);
+    let report = trials(20, Fault::Kill9);
     for line in &report {
         println!("{line}");
     }
@@ -79,22 +101,46 @@ fn front_door_kill_9_during_load_loses_nothing_acknowledged() {
 #[test]
 fn rumqttd_kill_9_during_load_loses_nothing_committed() {
     // The embedded rumqttd acks before edgehose commits: the gap the front door closes.
-    for line in kill_9_trials(3, true) {
+    for line in trials(3, Fault::Kill9Rumqttd) {
         println!("{line}");
     }
 }
 
-/// Runs `trials` kill -9 trials; returns one report line per trial. Panics on a committed (or,
-/// with the front door, an acknowledged) message missing from the output, or on a duplicate.
-fn kill_9_trials(trials: u64, rumqttd: bool) -> Vec<String> {
+#[test]
+fn a_power_cut_loses_nothing_acknowledged_with_synchronous_full() {
+    for line in trials(5, Fault::PowerCut("full")) {
+        println!("{line}");
+    }
+}
+
+/// Not a guarantee but a measurement: what `synchronous = "normal"` loses at a power cut
+/// (acknowledged messages of the commits since the last checkpoint), reported, not judged.
+#[test]
+fn what_a_power_cut_costs_with_synchronous_normal() {
+    for line in trials(3, Fault::PowerCut("normal")) {
+        println!("{line}");
+    }
+}
+
+/// Runs `trials` trials of `fault` during load; returns one report line per trial. Panics on a
+/// committed (or, with the front door, an acknowledged) message missing from the output, or on
+/// a duplicate; with `PowerCut("normal")` only on a record delivered twice (what it lost is
+/// reported).
+fn trials(trials: u64, fault: Fault) -> Vec<String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut report = Vec::new();
+    let rumqttd = fault == Fault::Kill9Rumqttd;
+    let strict = fault != Fault::PowerCut("normal");
     for trial in 0..trials {
         let dir = tempfile::tempdir().unwrap();
-        let setup = Setup {
+        let mut setup = Setup {
             rumqttd,
             ..Setup::default()
         };
+        if let Fault::PowerCut(sync) = fault {
+            setup.synchronous = sync;
+            setup.env = powercut_env(dir.path());
+        }
         let mut gw = Gateway::start(dir.path(), &setup).unwrap();
         let acked: Seen = Default::default();
         let tasks: Vec<_> = (0..DEVICES)
@@ -109,15 +155,23 @@ fn kill_9_trials(trials: u64, rumqttd: bool) -> Vec<String> {
                 let _ = t.await;
             }
         });
+        let discarded = match fault {
+            Fault::PowerCut(_) => {
+                // The restart runs on what the disk kept, without the shim.
+                gw.env.clear();
+                Some(powercut_apply(dir.path()))
+            }
+            _ => None,
+        };
 
-        // Committed before the kill = delivered already + still in the buffer file.
+        // Committed (and durable) before the kill = delivered already + still in the buffer.
         let delivered_before: HashSet<_> = device_seqs(&read_objects(&gw.bucket_dir()).unwrap())
             .into_iter()
             .collect();
-        let in_buffer = committed_in_buffer(&gw.db_path());
+        let in_buffer = committed_in_buffer(&gw.db_path(), !strict);
         let committed: HashSet<_> = delivered_before.union(&in_buffer).cloned().collect();
         assert!(
-            !committed.is_empty(),
+            !committed.is_empty() || !strict,
             "trial {trial}: the kill came before any commit"
         );
 
@@ -133,14 +187,19 @@ fn kill_9_trials(trials: u64, rumqttd: bool) -> Vec<String> {
             "trial {trial}: duplicates after restart"
         );
         let lost_committed = committed.difference(&delivered).count();
-        assert_eq!(lost_committed, 0, "trial {trial}: committed records lost");
+        if strict {
+            assert_eq!(lost_committed, 0, "trial {trial}: committed records lost");
+        }
         let acked = acked.lock().unwrap();
         let acked_lost = acked.difference(&delivered).count();
-        if !rumqttd {
+        if !rumqttd && strict {
             assert_eq!(acked_lost, 0, "trial {trial}: acknowledged messages lost");
         }
+        let cut = discarded
+            .map(|b| format!(" (power cut: {b} bytes written but not synced were discarded)"))
+            .unwrap_or_default();
         report.push(format!(
-            "trial {trial}: kill after {delay} ms, acknowledged {}, committed {}, delivered {}, acknowledged-but-lost {acked_lost}",
+            "trial {trial}: kill after {delay} ms{cut}, acknowledged {}, committed {}, delivered {}, acknowledged-but-lost {acked_lost}, delivered-before-the-cut-but-lost {lost_committed}",
             acked.len(),
             committed.len(),
             delivered.len()

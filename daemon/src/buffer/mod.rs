@@ -5,6 +5,7 @@
 
 pub mod block;
 pub mod salvage;
+pub mod sessions;
 pub mod store;
 pub mod writer;
 
@@ -41,6 +42,8 @@ pub struct Buffer {
     pub writer: std::thread::JoinHandle<()>,
     /// Health shared with the admin server and the destinations; the writer reports into it.
     pub health: crate::health::Health,
+    /// The front door's persistent sessions and retained messages, as the last run left them.
+    pub sessions: sessions::Saved,
 }
 
 /// Opens the buffer file and starts its writer.
@@ -76,6 +79,15 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         });
         states.push(state);
     }
+    // A table of sessions that cannot be read costs the sessions, not the buffer.
+    let saved_sessions = sessions::load(&conn).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the saved MQTT sessions and retained messages: starting without them");
+        sessions::Saved::default()
+    });
+    // Everything so far (the schema, streams and destinations of a new file) into the main
+    // file and synced, whatever `synchronous` says: with "normal", a power cut before the first
+    // automatic checkpoint could otherwise leave a file without its tables.
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     let (committed_tx, committed) = watch::channel(Committed::default());
     let health = crate::health::Health::default();
     let writer = Writer::new(
@@ -98,6 +110,7 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         committed,
         writer,
         health,
+        sessions: saved_sessions,
     })
 }
 

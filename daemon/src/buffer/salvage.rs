@@ -81,7 +81,14 @@ pub fn check(path: &Path, sync: Synchronous) -> Result<Option<Salvage>, BufferEr
 pub fn mark_created(path: &Path) -> std::io::Result<()> {
     let m = marker(path);
     if !m.exists() {
-        std::fs::write(&m, b"edgehose buffer\n")?;
+        // Synced with its directory entry: after a power cut its absence must mean "never
+        // created", not "not yet on the card".
+        let mut f = std::fs::File::create(&m)?;
+        std::io::Write::write_all(&mut f, b"edgehose buffer\n")?;
+        f.sync_all()?;
+        if let Some(dir) = m.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
     }
     Ok(())
 }
@@ -210,15 +217,27 @@ fn restore_header(path: &Path) -> std::io::Result<()> {
 /// Copies streams, destinations and segments, row by row, skipping what cannot be read.
 fn copy_readable(old: &Connection, new: &Connection, out: &mut Salvage) -> rusqlite::Result<()> {
     let tx = new.unchecked_transaction()?;
-    // Streams and destinations: small tables, copied whole or row by row.
-    for (table, columns) in [
+    // Streams, destinations, MQTT sessions and retained messages: small tables, copied whole
+    // or row by row.
+    let tables = [
         ("streams", "id, name"),
         (
             "destinations",
             "name, delivered_id, fingerprint, version, intent_last, intent_key",
         ),
-    ] {
+    ];
+    for (table, columns) in tables.into_iter().chain(super::sessions::TABLES) {
         let n = columns.split(',').count();
+        let exists = old
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_or(true, |n| n > 0);
+        if !exists {
+            continue; // a file from before the table
+        }
         let copied = (|| -> rusqlite::Result<u64> {
             let mut stmt = old.prepare(&format!("SELECT {columns} FROM {table}"))?;
             let mut rows = stmt.query([])?;
@@ -237,6 +256,9 @@ fn copy_readable(old: &Connection, new: &Connection, out: &mut Salvage) -> rusql
         })();
         match copied {
             Ok(n) => info!(table, rows = n, "salvaged"),
+            Err(e) if table.starts_with("mqtt_") => {
+                error!(table, error = %e, "cannot read this table of the damaged buffer: persistent MQTT sessions or retained messages are lost")
+            }
             Err(e) => {
                 error!(table, error = %e, "cannot read this table of the damaged buffer: what it held is lost (destinations start over from what was salvaged; records may be delivered again)")
             }

@@ -60,6 +60,7 @@ pub fn open_writer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connectio
     )?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(super::sessions::SCHEMA)?;
     // Files from before blocks: their segments hold rows (format 0, the column's default).
     if !has_column(&conn, "segments", "format")? {
         conn.execute_batch("ALTER TABLE segments ADD COLUMN format INTEGER NOT NULL DEFAULT 0")?;

@@ -66,6 +66,11 @@ pub enum Control {
     },
     /// Answered at once: the writer's loop is alive (the systemd watchdog asks).
     Ping(oneshot::Sender<()>),
+    /// The front door's persistent sessions and retained messages changed.
+    SaveSessions {
+        changes: Box<super::sessions::SessionChanges>,
+        done: oneshot::Sender<Result<(), BufferError>>,
+    },
 }
 
 /// The writer's view of the destinations it keeps positions for.
@@ -585,6 +590,12 @@ impl Writer {
             }
             Control::Ping(done) => {
                 let _ = done.send(());
+            }
+            Control::SaveSessions { changes, done } => {
+                let r = self.execute_in_transaction(|w| {
+                    super::sessions::save(&w.conn, &changes).map_err(BufferError::from)
+                });
+                let _ = done.send(r);
             }
             Control::Delivered {
                 dest,

@@ -210,6 +210,12 @@ impl Codec {
                 Err(m4::Error::PayloadSizeLimitExceeded(n)) => Err(CodecError::TooLarge(n)),
                 Err(e) => Err(CodecError::Malformed(e.to_string())),
             },
+            // MQTT 5 §3.14.2.1: a DISCONNECT with remaining length 0 means reason 0x00, normal
+            // disconnection (what mosquitto sends); rumqttc's reader refuses it as malformed.
+            Version::V5 if buf.starts_with(&[0xE0, 0x00]) => {
+                let _ = buf.split_to(2);
+                Ok(Some(In::Disconnect { with_will: false }))
+            }
             Version::V5 => match v5::Packet::read(buf, Some(self.max_packet as u32)) {
                 Ok(p) => Ok(Some(from_v5(p))),
                 Err(m5::Error::InsufficientBytes(_)) => Ok(None),
@@ -534,6 +540,23 @@ mod tests {
             }
         }
         assert!(detect(&[0x30, 0]).is_err(), "PUBLISH before CONNECT");
+    }
+
+    #[test]
+    fn a_disconnect_without_a_reason_code_is_a_normal_disconnection_in_both_versions() {
+        for v in [Version::V311, Version::V5] {
+            let codec = Codec {
+                version: v,
+                max_packet: 1024,
+            };
+            // What mosquitto sends; then a PINGREQ, read after it.
+            let mut buf = BytesMut::from(&[0xE0, 0x00, 0xC0, 0x00][..]);
+            assert!(matches!(
+                codec.read(&mut buf).unwrap(),
+                Some(In::Disconnect { with_will: false })
+            ));
+            assert!(matches!(codec.read(&mut buf).unwrap(), Some(In::PingReq)));
+        }
     }
 
     #[test]

@@ -607,7 +607,8 @@ impl Connection {
             }
             In::PubAck { pkid } => {
                 if let Some(i) = self.outgoing.iter().position(|(p, _)| *p == pkid) {
-                    self.outgoing.remove(i);
+                    let (_, d) = self.outgoing.remove(i);
+                    self.shared.pubsub.acked(&self.client_id, d.seq);
                 }
                 // Room in the window: send what waits.
                 self.wake_queue = true;

@@ -2,11 +2,13 @@
 //! means "committed to SQLite". Packets are parsed and written by rumqttc's `mqttbytes` codecs
 //! ([`codec`]); each connection is a task ([`connection`]); a client id has at most one live
 //! connection, the newest ([`Sessions`]); committed messages reach local subscribers through
-//! [`pubsub`], its filters indexed by [`filter_index`].
+//! [`pubsub`], its filters indexed by [`filter_index`]; persistent sessions and retained
+//! messages are saved in the buffer file ([`persist`]).
 
 pub mod codec;
 pub mod connection;
 pub mod filter_index;
+pub mod persist;
 pub mod pubsub;
 
 use std::collections::HashMap;
@@ -20,6 +22,8 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::buffer::sessions::Saved;
+use crate::buffer::Control;
 use crate::config::{FrontDoorConfig, Limits};
 use crate::message::Envelope;
 use crate::routing::Router;
@@ -80,6 +84,8 @@ pub struct FrontDoor {
     listener: TcpListener,
     shared: Arc<Shared>,
     max_connections: usize,
+    /// The buffer writer, which saves sessions.
+    control: mpsc::Sender<Control>,
 }
 
 impl FrontDoor {
@@ -88,12 +94,23 @@ impl FrontDoor {
         limits: &Limits,
         router: Arc<Router>,
         ingest: mpsc::Sender<Envelope>,
+        saved: Saved,
+        control: mpsc::Sender<Control>,
     ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen for MQTT on {}", cfg.listen))?;
+        let pubsub = Arc::new(pubsub::PubSub::default());
+        let (sessions, retained) = pubsub.restore(saved);
+        if sessions + retained > 0 {
+            info!(
+                sessions,
+                retained, "restored persistent MQTT sessions and retained messages"
+            );
+        }
         info!(listen = %cfg.listen, "MQTT front door listening (3.1.1 and 5; PUBACK after commit)");
         Ok(Self {
+            control,
             listener,
             max_connections: cfg.max_connections,
             shared: Arc::new(Shared {
@@ -109,7 +126,7 @@ impl FrontDoor {
                 // oversized payload is refused with a reason rather than a disconnect.
                 max_packet: (limits.max_payload * 2 + 64 * 1024).min(256 * 1024 * 1024),
                 sessions: Sessions::default(),
-                pubsub: Arc::default(),
+                pubsub,
             }),
         })
     }
@@ -123,6 +140,10 @@ impl FrontDoor {
             let pubsub = Arc::clone(&self.shared.pubsub);
             tokio::spawn(async move { pubsub.run_fanout().await })
         };
+        let saver = tokio::spawn(persist::run(
+            Arc::clone(&self.shared.pubsub),
+            self.control.clone(),
+        ));
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -156,9 +177,13 @@ impl FrontDoor {
             });
         }
         drop(self.listener);
+        let pubsub = Arc::clone(&self.shared.pubsub);
         drop(self.shared);
         while connections.join_next().await.is_some() {}
         fanout.abort();
+        // Every connection has put back what it had in flight: save the sessions as they are.
+        saver.abort();
+        persist::save(&pubsub, &self.control).await;
         info!("MQTT front door stopped");
     }
 }

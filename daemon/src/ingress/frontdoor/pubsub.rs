@@ -6,7 +6,10 @@
 //! to send. A connection drains its session's queue; QoS 1 messages it sent but that were not
 //! acknowledged go back to the queue when it ends. A persistent session (3.1.1
 //! `clean_session = 0`, MQTT 5 session expiry > 0) outlives its connection, so a device that
-//! reconnects gets what was published meanwhile; sessions live in memory, not across restarts.
+//! reconnects gets what was published meanwhile. Persistent sessions (filters, QoS 1 messages
+//! queued or sent and not yet acknowledged) and retained messages also survive a restart: what
+//! changed is collected by [`PubSub::changes`] and saved in the buffer file by
+//! [`super::persist`], and [`PubSub::restore`] brings it back at start.
 //!
 //! Fan-out runs off the buffer writer's thread: the commit callback only updates the retained
 //! store and appends the message to a bounded queue ([`PubSub::committed`]); a task
@@ -23,7 +26,7 @@
 //! local links with `RetainForwardRule::Never` (retained messages never reach them), and offers
 //! no clean-session choice for them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +34,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::filter_index::FilterIndex;
+use crate::buffer::sessions::{QueueChange, Saved, SavedMessage, SavedSession, SessionChanges};
 use crate::metrics as m;
 use crate::templates::topic::TopicFilter;
 
@@ -78,6 +82,21 @@ pub struct Delivery {
     pub retain: bool,
     /// Sent before and not acknowledged: MQTT's DUP flag on the resend.
     pub dup: bool,
+    /// Its place in the session's queue (persistence keeps it in this order).
+    pub seq: u64,
+}
+
+impl Delivery {
+    fn saved(&self) -> SavedMessage {
+        SavedMessage {
+            seq: self.seq,
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            dup: self.dup,
+        }
+    }
 }
 
 struct Session {
@@ -89,6 +108,51 @@ struct Session {
     notify: Arc<Notify>,
     /// When its last connection ended (persistent sessions kept offline).
     offline_since: Option<std::time::Instant>,
+    /// The next message's `seq`.
+    next_seq: u64,
+    /// Persistent sessions: QoS 1 messages sent and not yet acknowledged, by `seq` (saved with
+    /// the queue, so a restart sends them again).
+    inflight: BTreeMap<u64, Delivery>,
+    save: SaveState,
+}
+
+/// What changed in a persistent session since it was last saved.
+#[derive(Debug, Default)]
+struct SaveState {
+    /// Anything (it is in `Inner::dirty`).
+    dirty: bool,
+    filters: bool,
+    /// The saved queue must be replaced whole (new session, messages put back out of order).
+    rewrite: bool,
+    /// Messages up to this `seq` are saved (unless `rewrite`).
+    saved_upto: u64,
+}
+
+impl Session {
+    fn new(generation: u64, persistent: bool, notify: Arc<Notify>) -> Self {
+        Self {
+            generation,
+            persistent,
+            filters: Vec::new(),
+            queue: VecDeque::new(),
+            notify,
+            offline_since: None,
+            next_seq: 1,
+            inflight: BTreeMap::new(),
+            save: SaveState {
+                dirty: persistent,
+                filters: persistent,
+                rewrite: persistent,
+                saved_upto: 0,
+            },
+        }
+    }
+
+    fn push(&mut self, mut d: Delivery) {
+        d.seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push_back(d);
+    }
 }
 
 /// What a connection gets when it opens its session.
@@ -109,6 +173,8 @@ pub struct PubSub {
     queued: Notify,
     /// (filter, session) entries in the index: lets publishers skip the locks.
     subscribed: AtomicUsize,
+    /// Something to save changed (persistent sessions, retained messages).
+    changed: Notify,
 }
 
 #[derive(Default)]
@@ -116,6 +182,8 @@ struct Retained {
     messages: HashMap<Bytes, Bytes>,
     /// Topic + payload bytes of `messages`.
     bytes: usize,
+    /// Topics set or cleared since the last save.
+    changed: HashSet<Bytes>,
 }
 
 /// Committed messages waiting for the fan-out task.
@@ -136,16 +204,40 @@ struct Inner {
     /// Sessions with `offline_since` set.
     offline: usize,
     generation: u64,
+    /// Persistent sessions changed since the last save, and those that ended.
+    dirty: HashSet<Arc<str>>,
+    removed: HashSet<Arc<str>>,
 }
 
 impl Inner {
     /// Removes a session and its filters from the index.
     fn remove(&mut self, client_id: &str) -> Option<Session> {
-        let s = self.sessions.remove(client_id)?;
+        let (id, s) = self.sessions.remove_entry(client_id)?;
         for (f, _) in &s.filters {
             self.index.remove(f, client_id);
         }
+        if s.persistent {
+            self.dirty.remove(client_id);
+            self.removed.insert(id);
+        }
         Some(s)
+    }
+
+    /// Notes a change to a persistent session for the next save.
+    fn touch(&mut self, client_id: &str, what: impl FnOnce(&mut SaveState)) {
+        let Some((id, s)) = self.sessions.get_key_value(client_id) else {
+            return;
+        };
+        if !s.persistent {
+            return;
+        }
+        let id = Arc::clone(id);
+        let s = self.sessions.get_mut(client_id).expect("just found");
+        what(&mut s.save);
+        if !s.save.dirty {
+            s.save.dirty = true;
+            self.dirty.insert(id);
+        }
     }
 }
 
@@ -206,6 +298,19 @@ impl PubSub {
 
     fn recount(&self, inner: &Inner) {
         self.subscribed.store(inner.index.len(), Ordering::Relaxed);
+        self.signal(inner);
+    }
+
+    /// Wakes the saver if a persistent session changed.
+    fn signal(&self, inner: &Inner) {
+        if !inner.dirty.is_empty() || !inner.removed.is_empty() {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Returns once something to save has changed since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// Opens `client_id`'s session for a new connection: resumes a persistent one when asked
@@ -226,6 +331,9 @@ impl PubSub {
             }
             _ => None,
         };
+        if resumed.is_some() {
+            inner.touch(client_id, |_| {});
+        }
         let opened = match resumed {
             Some(notify) => {
                 notify.notify_one();
@@ -238,16 +346,13 @@ impl PubSub {
             None => {
                 let notify = Arc::new(Notify::new());
                 let replaced = inner.remove(client_id);
+                let id: Arc<str> = client_id.into();
+                if persistent {
+                    inner.dirty.insert(Arc::clone(&id));
+                }
                 inner.sessions.insert(
-                    client_id.into(),
-                    Session {
-                        generation,
-                        persistent,
-                        filters: Vec::new(),
-                        queue: VecDeque::new(),
-                        notify: Arc::clone(&notify),
-                        offline_since: None,
-                    },
+                    id,
+                    Session::new(generation, persistent, Arc::clone(&notify)),
                 );
                 if replaced.is_some_and(|s| s.offline_since.is_some()) {
                     inner.offline -= 1;
@@ -273,7 +378,9 @@ impl PubSub {
         };
         let latest = s.generation == generation;
         if s.persistent {
+            let requeued = !unacked.is_empty();
             for mut d in unacked.into_iter().rev() {
+                s.inflight.remove(&d.seq);
                 d.dup = true;
                 s.queue.push_front(d);
             }
@@ -285,6 +392,7 @@ impl PubSub {
                 // A newer connection owns the session: let it see the requeued messages.
                 s.notify.notify_one();
             }
+            inner.touch(client_id, |save| save.rewrite |= requeued);
         } else if latest {
             inner.remove(client_id);
         }
@@ -343,7 +451,10 @@ impl PubSub {
         let mut r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
         let old = r.messages.get(topic).map_or(0, |p| topic.len() + p.len());
         if payload.is_empty() {
-            r.messages.remove(topic);
+            if r.messages.remove(topic).is_some() {
+                r.changed.insert(topic.clone());
+                self.changed.notify_one();
+            }
             r.bytes -= old;
             return;
         }
@@ -352,6 +463,8 @@ impl PubSub {
         if bytes <= self.bounds.max_retained_bytes && count <= self.bounds.max_retained {
             r.messages.insert(topic.clone(), payload.clone());
             r.bytes = bytes;
+            r.changed.insert(topic.clone());
+            self.changed.notify_one();
         } else {
             metrics::counter!(m::RETAINED_REFUSED).increment(1);
             static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
@@ -396,19 +509,25 @@ impl PubSub {
                     s.queue.pop_front();
                     dropped += 1;
                 }
-                s.queue.push_back(Delivery {
+                s.push(Delivery {
                     topic: topic.clone(),
                     payload: payload.clone(),
                     qos: (*granted).min(qos),
                     retain: false,
                     dup: false,
+                    seq: 0,
                 });
                 s.notify.notify_one();
+                if s.persistent && !s.save.dirty {
+                    s.save.dirty = true;
+                    inner.dirty.insert(Arc::clone(id));
+                }
             }
         }
         if dropped > 0 {
             metrics::counter!(m::LOCAL_FANOUT_DROPPED).increment(dropped);
         }
+        self.signal(inner);
     }
 
     /// How many more filters the session may hold ([`MAX_FILTERS`] in all).
@@ -462,15 +581,17 @@ impl PubSub {
                     .map(|(_, q)| *q)
                     .max()
                     .unwrap_or(0);
-                s.queue.push_back(Delivery {
+                s.push(Delivery {
                     topic,
                     payload,
                     qos,
                     retain: true,
                     dup: false,
+                    seq: 0,
                 });
             }
             s.notify.notify_one();
+            inner.touch(client_id, |save| save.filters = true);
         }
         self.recount(inner);
     }
@@ -486,19 +607,207 @@ impl PubSub {
                 }
                 !gone
             });
+            inner.touch(client_id, |save| save.filters = true);
         }
         self.recount(inner);
     }
 
     /// Takes up to `max` queued messages for a session.
     pub fn take(&self, client_id: &str, max: usize) -> Vec<Delivery> {
-        let mut inner = self.lock();
-        match inner.sessions.get_mut(client_id) {
-            Some(s) => {
-                let n = max.min(s.queue.len());
-                s.queue.drain(..n).collect()
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        let Some(s) = inner.sessions.get_mut(client_id) else {
+            return Vec::new();
+        };
+        let n = max.min(s.queue.len());
+        let taken: Vec<Delivery> = s.queue.drain(..n).collect();
+        if s.persistent && n > 0 {
+            for d in taken.iter().filter(|d| d.qos > 0) {
+                s.inflight.insert(d.seq, d.clone());
             }
-            None => Vec::new(),
+            inner.touch(client_id, |_| {});
+            self.signal(inner);
+        }
+        taken
+    }
+
+    /// What changed since the last call: persistent sessions (filters, QoS 1 messages queued
+    /// or in flight, when they went offline), sessions that ended, retained messages. Marks it
+    /// saved; if saving fails, [`Self::save_failed`] marks it changed again.
+    pub fn changes(&self) -> SessionChanges {
+        let mut out = SessionChanges::default();
+        {
+            let mut r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            let r: &mut Retained = &mut r;
+            out.retained = r
+                .changed
+                .drain()
+                .map(|t| {
+                    let p = r.messages.get(&t).cloned();
+                    (t, p)
+                })
+                .collect();
+        }
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        let (mono, wall) = (std::time::Instant::now(), crate::clock::now_ms());
+        out.removed = inner.removed.drain().map(|id| id.to_string()).collect();
+        for id in std::mem::take(&mut inner.dirty) {
+            let Some(s) = inner.sessions.get_mut(&*id) else {
+                continue;
+            };
+            let qos1 = |d: &&Delivery| d.qos > 0;
+            let queue = if s.save.rewrite {
+                let mut all: Vec<SavedMessage> = s
+                    .inflight
+                    .values()
+                    .chain(s.queue.iter())
+                    .filter(qos1)
+                    .map(Delivery::saved)
+                    .collect();
+                all.sort_by_key(|m| m.seq);
+                QueueChange::Rewrite(all)
+            } else {
+                let upto = s.save.saved_upto;
+                let mut added: Vec<SavedMessage> = s
+                    .inflight
+                    .range(upto + 1..)
+                    .map(|(_, d)| d)
+                    .chain(s.queue.iter().filter(|d| d.seq > upto))
+                    .filter(qos1)
+                    .map(Delivery::saved)
+                    .collect();
+                added.sort_by_key(|m| m.seq);
+                // Kept: everything from the oldest message still in flight or queued.
+                let keep_from = [
+                    s.inflight.keys().next().copied(),
+                    s.queue.front().map(|d| d.seq),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(s.next_seq);
+                QueueChange::Append { keep_from, added }
+            };
+            out.sessions.push(SavedSession {
+                client_id: id.to_string(),
+                offline_since_ms: s.offline_since.map(|t| {
+                    wall - i64::try_from(mono.duration_since(t).as_millis()).unwrap_or(i64::MAX)
+                }),
+                filters: s.save.filters.then(|| {
+                    s.filters
+                        .iter()
+                        .map(|(f, q)| (f.as_str().to_string(), *q))
+                        .collect()
+                }),
+                queue,
+            });
+            s.save = SaveState {
+                saved_upto: s.next_seq - 1,
+                ..SaveState::default()
+            };
+        }
+        out
+    }
+
+    /// Saving `changes` failed: they are marked changed again, to be saved whole next time.
+    pub fn save_failed(&self, changes: SessionChanges) {
+        {
+            let mut r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            r.changed
+                .extend(changes.retained.into_iter().map(|(t, _)| t));
+        }
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        for id in changes.removed {
+            if !inner.sessions.contains_key(id.as_str()) {
+                inner.removed.insert(id.into());
+            }
+        }
+        for s in changes.sessions {
+            inner.touch(&s.client_id, |save| {
+                save.filters = true;
+                save.rewrite = true;
+            });
+        }
+        self.changed.notify_one();
+    }
+
+    /// Brings back what a previous run saved: persistent sessions (offline, their expiry
+    /// counted from when their device went offline, by the wall clock), their filters and
+    /// queued messages, and retained messages, within the bounds. Call before any connection.
+    pub fn restore(&self, saved: Saved) -> (usize, usize) {
+        let (mono, wall) = (std::time::Instant::now(), crate::clock::now_ms());
+        let mut restored = 0;
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        for saved in saved.sessions {
+            let id: Arc<str> = saved.client_id.as_str().into();
+            let mut s = Session::new(0, true, Arc::new(Notify::new()));
+            // Offline for as long as the wall clock says (none of it if it stepped back).
+            let away = saved
+                .offline_since_ms
+                .map_or(0, |t| u64::try_from(wall - t).unwrap_or(0));
+            s.offline_since = Some(
+                mono.checked_sub(std::time::Duration::from_millis(away))
+                    .unwrap_or(mono),
+            );
+            for (text, q) in saved.filters.unwrap_or_default() {
+                match TopicFilter::parse(&text) {
+                    Ok(f) => {
+                        inner.index.insert(&f, &id, q);
+                        s.filters.push((f, q));
+                    }
+                    Err(e) => {
+                        tracing::warn!(client_id = ?saved.client_id, error = %e, "a saved subscription is not a valid filter: dropped")
+                    }
+                }
+            }
+            if let QueueChange::Rewrite(messages) = saved.queue {
+                for m in messages {
+                    s.next_seq = s.next_seq.max(m.seq + 1);
+                    s.queue.push_back(Delivery {
+                        topic: m.topic,
+                        payload: m.payload,
+                        qos: m.qos,
+                        retain: m.retain,
+                        dup: m.dup,
+                        seq: m.seq,
+                    });
+                }
+            }
+            s.save = SaveState {
+                saved_upto: s.next_seq - 1,
+                ..SaveState::default()
+            };
+            inner.sessions.insert(id, s);
+            inner.offline += 1;
+            restored += 1;
+        }
+        drop(guard);
+        let retained = saved.retained.len();
+        {
+            let mut r = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            for (t, p) in saved.retained {
+                r.bytes += t.len() + p.len();
+                r.messages.insert(t, p);
+            }
+        }
+        let mut guard = self.lock();
+        self.expire(&mut guard);
+        self.recount(&guard);
+        (restored, retained)
+    }
+
+    /// The device acknowledged a QoS 1 message `take` gave its connection.
+    pub fn acked(&self, client_id: &str, seq: u64) {
+        let mut guard = self.lock();
+        let inner: &mut Inner = &mut guard;
+        if let Some(s) = inner.sessions.get_mut(client_id) {
+            if s.persistent && s.inflight.remove(&seq).is_some() {
+                inner.touch(client_id, |_| {});
+                self.signal(inner);
+            }
         }
     }
 }
@@ -685,6 +994,101 @@ mod tests {
         ps.close("p", one.generation + 1, Vec::new());
         let _ = ps.open("r", false);
         assert_eq!(ps.lock().index.len(), 0);
+    }
+
+    /// Saves `ps`'s changes into `conn` and restores what the file holds into a new PubSub.
+    fn save_and_restart(ps: &PubSub, conn: &rusqlite::Connection) -> PubSub {
+        crate::buffer::sessions::save(conn, &ps.changes()).unwrap();
+        let restarted = PubSub::default();
+        restarted.restore(crate::buffer::sessions::load(conn).unwrap());
+        restarted
+    }
+
+    #[test]
+    fn persistent_sessions_and_retained_messages_survive_a_restart() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(crate::buffer::sessions::SCHEMA).unwrap();
+        let ps = PubSub::default();
+        ps.publish(b("cfg/d1"), b("v1"), 1, true);
+        let p = ps.open("p", true);
+        ps.subscribe("p", &[f("t/#", 1), f("q0/#", 0)]);
+        let c = ps.open("clean", false);
+        ps.subscribe("clean", &[f("t/#", 1)]);
+        for m in ["1", "2", "3"] {
+            ps.publish(b("t/x"), Bytes::from(m), 1, false);
+        }
+        ps.publish(b("q0/x"), b("qos0"), 1, false);
+        // The device takes three; acknowledges "1"; "2" stays in flight; a crash.
+        let taken = ps.take("p", 3);
+        assert_eq!(taken.len(), 3);
+        ps.acked("p", taken[0].seq);
+        let restarted = save_and_restart(&ps, &conn);
+        let again = restarted.open("p", true);
+        assert!(again.present, "the persistent session came back");
+        let got = restarted.take("p", 10);
+        // In flight and queued QoS 1 messages, in order; QoS 0 ones are not kept.
+        let payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
+        assert_eq!(payloads, [b("2"), b("3")]);
+        assert!(
+            !restarted.open("clean", true).present,
+            "clean sessions are not kept"
+        );
+        // Filters came back: new messages reach the session.
+        restarted.publish(b("t/y"), b("4"), 1, false);
+        let four = restarted.take("p", 10);
+        assert_eq!(four[0].payload, b("4"));
+        for d in got.iter().chain(&four) {
+            restarted.acked("p", d.seq);
+        }
+        restarted.open("late", false);
+        restarted.subscribe("late", &[f("cfg/#", 1)]);
+        assert_eq!(restarted.take("late", 10)[0].payload, b("v1"));
+        drop((p, c));
+
+        // Incremental saves: acknowledge, unsubscribe, clear the retained message, end the
+        // session; each is saved.
+        let ps = restarted;
+        let conn2 = rusqlite::Connection::open_in_memory().unwrap();
+        conn2
+            .execute_batch(crate::buffer::sessions::SCHEMA)
+            .unwrap();
+        crate::buffer::sessions::save(&conn2, &ps.changes()).unwrap();
+        ps.unsubscribe("p", &["t/#".into()]);
+        ps.publish(b("cfg/d1"), Bytes::new(), 1, true);
+        let after = save_and_restart(&ps, &conn2);
+        after.publish(b("t/z"), b("5"), 1, false);
+        assert!(after.open("p", true).present);
+        assert!(
+            after.take("p", 10).is_empty(),
+            "unsubscribed, and nothing left queued"
+        );
+        after.open("late2", false);
+        after.subscribe("late2", &[f("cfg/#", 1)]);
+        assert!(
+            after.take("late2", 10).is_empty(),
+            "the retained message was cleared"
+        );
+        after.open("p", false); // a clean start ends the persistent session
+        let last = save_and_restart(&after, &conn2);
+        assert!(!last.open("p", true).present);
+    }
+
+    #[test]
+    fn an_unacknowledged_message_put_back_is_saved_with_its_dup_flag() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(crate::buffer::sessions::SCHEMA).unwrap();
+        let ps = PubSub::default();
+        let one = ps.open("p", true);
+        ps.subscribe("p", &[f("t", 1)]);
+        ps.publish(b("t"), b("a"), 1, false);
+        crate::buffer::sessions::save(&conn, &ps.changes()).unwrap();
+        let sent = ps.take("p", 10);
+        ps.close("p", one.generation, sent);
+        let restarted = save_and_restart(&ps, &conn);
+        restarted.open("p", true);
+        let got = restarted.take("p", 10);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].dup);
     }
 
     #[test]

@@ -1,0 +1,228 @@
+//! Entry points for coverage-guided fuzzing (`fuzz/`, libFuzzer through cargo-fuzz's layout):
+//! each takes arbitrary bytes, drives one parser or encoder the way the gateway does, and checks
+//! what must hold for every input. A panic here is a bug: an input a device, a config file or
+//! the disk can produce would crash the gateway. The same functions replay the committed corpora
+//! in `cargo test` (`tests/fuzz_corpora.rs`), so every input that once found a bug stays a test.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::buffer::block::{BlockReader, BlockWriter, Codec as BlockCodec};
+use crate::ingress::frontdoor::codec::{detect, Codec, CodecError, In};
+use crate::ingress::frontdoor::filter_index::FilterIndex;
+use crate::sinks::kpl;
+use crate::templates::{json_field, keys, topic};
+
+/// The MQTT codec: a connection's bytes as they arrive, in two reads split where the input
+/// says. Whatever the bytes, reading ends in packets, "need more" or an error; a packet the
+/// codec returns is never larger than the limit it was given.
+pub fn codec(data: &[u8]) {
+    let Some((&split, data)) = data.split_first() else {
+        return;
+    };
+    let Ok(Some(version)) = detect(data) else {
+        return;
+    };
+    let codec = Codec {
+        version,
+        max_packet: 4096,
+    };
+    let split = (split as usize * data.len() / 255).min(data.len());
+    let mut buf = BytesMut::from(&data[..split]);
+    for more in [&data[split..], &[][..]] {
+        buf.extend_from_slice(more);
+        loop {
+            let before = buf.len();
+            match codec.read(&mut buf) {
+                Ok(Some(packet)) => {
+                    let used = before - buf.len();
+                    assert!(used > 0, "a packet consumed no bytes");
+                    assert!(used <= codec.max_packet + 5, "{used} bytes over the limit");
+                    if let In::Publish { topic, .. } = &packet {
+                        let _ = std::str::from_utf8(topic);
+                    }
+                }
+                Ok(None) => break,
+                Err(CodecError::TooLarge(_) | CodecError::Malformed(_)) => return,
+                Err(CodecError::UnsupportedVersion(_)) => return,
+            }
+        }
+    }
+}
+
+/// The config file: any text either parses into a config or gives an error naming its key.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match crate::config::parse(text) {
+        Ok(_) => {}
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+/// The templates a config holds and the values they are evaluated on: a Firehose prefix, an
+/// IoT Core partition-key template, a topic filter, and a JSON field path, each a line of the
+/// input; the rest is a topic and a payload.
+pub fn templates(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut lines = text.splitn(6, '\n');
+    let mut next = || lines.next().unwrap_or("");
+    let (prefix, key, filter, path, topic_name, payload) =
+        (next(), next(), next(), next(), next(), next());
+    let at =
+        chrono::DateTime::from_timestamp_millis((payload.len() as i64).wrapping_mul(1_234_567_891))
+            .unwrap_or_default();
+    for kind in [keys::PrefixKind::Object, keys::PrefixKind::Error] {
+        if let Ok(p) = keys::PrefixTemplate::parse_as(prefix, kind) {
+            let values: Vec<String> = p
+                .partition_names()
+                .iter()
+                .map(|n| format!("{n}-{topic_name}"))
+                .collect();
+            if let Ok(out) = p.evaluate(at, "rnd", &values, "processing-failed") {
+                assert!(out.chars().count() <= keys::MAX_PREFIX_LEN);
+            }
+        }
+    }
+    if let Ok(t) = topic::PartitionKeyTemplate::parse(key) {
+        let _ = t.render(topic_name, Some("client"), at.timestamp_millis());
+    }
+    // Filters (space-separated, taken by five sessions in turn): the front door's trie finds
+    // exactly the sessions (with their highest QoS) a scan of every filter finds, before and
+    // after half of them unsubscribe.
+    let mut pairs: Vec<(Arc<str>, topic::TopicFilter)> = Vec::new();
+    for (i, text) in filter.split(' ').enumerate() {
+        let session: Arc<str> = Arc::from(format!("s{}", i % 5));
+        if let Ok(f) = topic::TopicFilter::parse(text) {
+            if !pairs.iter().any(|(s, g)| *s == session && g == &f) {
+                pairs.push((session, f));
+            }
+        }
+    }
+    let mut index = FilterIndex::default();
+    for (i, (session, f)) in pairs.iter().enumerate() {
+        index.insert(f, session, (i % 3) as u8);
+    }
+    for round in 0..2 {
+        let mut found = Vec::new();
+        index.matches(topic_name, &mut found);
+        found.sort();
+        let mut scan: std::collections::BTreeMap<Arc<str>, u8> = Default::default();
+        for (i, (session, f)) in pairs.iter().enumerate() {
+            let live = round == 0 || i % 2 == 1;
+            if live && f.matches(topic_name) {
+                let q = scan.entry(Arc::clone(session)).or_insert(0);
+                *q = (*q).max((i % 3) as u8);
+            }
+        }
+        let scan: Vec<(Arc<str>, u8)> = scan.into_iter().collect();
+        assert_eq!(found, scan, "filters {pairs:?}, topic {topic_name:?}");
+        for (session, f) in pairs.iter().step_by(2) {
+            index.remove(f, session);
+        }
+    }
+    let _ = json_field::find(payload.as_bytes(), path);
+}
+
+/// Reading a block back from the disk: any body, under any codec, decodes into records or an
+/// error, allocating at most the limit fixed before reading. And records written by
+/// [`BlockWriter`] read back as they were written.
+pub fn block(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    let mut reader = BlockReader::new().expect("zstd decompressor");
+    let codec = i64::from(selector % 4);
+    let _ = reader.visit(7, codec, body, |r| {
+        assert!(r.id >= 7);
+        ControlFlow::Continue(())
+    });
+
+    // Round trip: the input cut into records (key = first byte's worth, payload = the rest).
+    let mut writer = BlockWriter::new().expect("zstd compressor");
+    let mut expected = Vec::new();
+    let mut rest = body;
+    let mut id = 1_000;
+    while let Some((&len, tail)) = rest.split_first() {
+        let (chunk, tail) = tail.split_at((len as usize).min(tail.len()));
+        let (key, payload) = chunk.split_at(chunk.len().min(usize::from(len % 8)));
+        let key = String::from_utf8_lossy(key).into_owned();
+        let arrival = i64::from(len).wrapping_mul(-977) + id;
+        writer.push(id, i64::from(len % 3), arrival, &key, payload);
+        expected.push((id, i64::from(len % 3), arrival, key, payload.to_vec()));
+        id += 1;
+        rest = tail;
+    }
+    let Some(block) = writer.finish().expect("compress") else {
+        assert!(expected.is_empty());
+        return;
+    };
+    assert_eq!(block.first_id, 1_000);
+    assert_eq!(block.last_id, id - 1);
+    let (codec, body) = (block.codec as i64, block.body.to_vec());
+    assert_ne!(
+        codec,
+        BlockCodec::Stored as i64,
+        "every block is checksummed"
+    );
+    let mut got = Vec::new();
+    let _ = reader
+        .visit(1_000, codec, &body, |r| {
+            got.push((
+                r.id,
+                r.stream,
+                r.arrival_ms,
+                r.partition_key.to_string(),
+                r.payload.to_vec(),
+            ));
+            ControlFlow::Continue(())
+        })
+        .expect("a block just written reads back");
+    assert_eq!(got, expected);
+}
+
+/// KPL aggregation: records cut from the input aggregate into a record whose size the
+/// aggregator predicted exactly, and which de-aggregates into the same records.
+pub fn kpl(data: &[u8]) {
+    let mut agg = kpl::Aggregator::default();
+    let mut expected = Vec::new();
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let (chunk, tail) = tail.split_at((len as usize).min(tail.len()));
+        let (key, payload) = chunk.split_at(chunk.len().min(usize::from(len % 16)));
+        let key = String::from_utf8_lossy(key).into_owned();
+        let predicted = agg.size_with(&key, payload);
+        agg.add(&key, payload);
+        assert_eq!(
+            agg.encode().len(),
+            predicted,
+            "size_with predicted the size"
+        );
+        expected.push((key, payload.to_vec()));
+        rest = tail;
+    }
+    let encoded = agg.encode();
+    if expected.is_empty() {
+        return;
+    }
+    let decoded = kpl::decode(&encoded).expect("an aggregate decodes");
+    let got: Vec<(String, Vec<u8>)> = decoded
+        .records
+        .iter()
+        .map(|r| {
+            (
+                decoded.partition_key_table[r.partition_key_index as usize].clone(),
+                r.data.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(agg.first_key(), Some(expected[0].0.as_str()));
+    // Any bytes: not an aggregate, or one that decodes without a panic.
+    let _ = kpl::decode(data);
+}
