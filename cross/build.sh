@@ -45,7 +45,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 rustup target add "${targets[@]}" >/dev/null
 # The Pi build leaves out the embedded rumqttd unless asked for.
-if [ "${EDGEHOSE_FEATURES:-}" = default ]; then features=""; else features="--no-default-features"; fi
+if [ "${EDGEHOSE_FEATURES:-}" = default ]; then features=""; else features="--no-default-features --features aws"; fi
 
 if [ -n "${GLIBC:-}" ]; then
     venv=target/zig-venv

@@ -7,6 +7,7 @@
 #   tests/fuzz.sh [SECONDS] [TARGET...]   run each target for SECONDS (default 10) from its corpus
 #   MERGE=1 tests/fuzz.sh 600 codec       ... and merge what it found into fuzz/corpus/codec
 #   JOBS=2 tests/fuzz.sh 3600             ... with two fuzzing processes per target
+#   FUZZ_PROFILE=quick tests/fuzz.sh 10   a build in about half the time (what tests/run.sh runs)
 #
 # A crash (panic, abort, timeout, an allocation over the RSS limit) stops the run with the input
 # saved as target/fuzz/artifacts/<target>/crash-*; add it to fuzz/corpus/<target>/ once fixed,
@@ -19,6 +20,7 @@ shift || true
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(codec config templates block kpl)
 jobs=${JOBS:-1}
+profile=${FUZZ_PROFILE:-release}
 triple=$(rustc -vV | sed -n 's/^host: //p')
 export CARGO_TARGET_DIR="$PWD/target/fuzz"
 # What `cargo fuzz build --sanitizer none` passes (-Cllvm-args=... for SanitizerCoverage), with
@@ -28,7 +30,7 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cllvm-args=-sanitizer-coverage-stack-depth \
 --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 echo "== building the fuzz targets (${targets[*]})"
-cargo build --locked -j2 --release --manifest-path fuzz/Cargo.toml --target "$triple" \
+cargo build --locked -j2 --profile "$profile" --manifest-path fuzz/Cargo.toml --target "$triple" \
     $(printf -- '--bin %s ' "${targets[@]}")
 
 for t in "${targets[@]}"; do
@@ -39,7 +41,7 @@ for t in "${targets[@]}"; do
     log="target/fuzz/$t.log"
     # -rss_limit_mb: a decoder must not allocate what a damaged header claims (the block
     # decoder's own limit is 257 MiB); -timeout: no input may take a second.
-    if ! "target/fuzz/$triple/release/$t" "$work" "fuzz/corpus/$t" \
+    if ! "target/fuzz/$triple/$profile/$t" "$work" "fuzz/corpus/$t" \
         -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=1 \
         -jobs="$jobs" -workers="$jobs" -artifact_prefix="$artifacts" -print_final_stats=1 \
         >"$log" 2>&1; then
@@ -51,7 +53,7 @@ for t in "${targets[@]}"; do
         | sed "s/^/  $t: /" || true
     rm -f fuzz-*.log
     if [ "${MERGE:-0}" = 1 ]; then
-        "target/fuzz/$triple/release/$t" -merge=1 "fuzz/corpus/$t" "$work" >/dev/null 2>&1
+        "target/fuzz/$triple/$profile/$t" -merge=1 "fuzz/corpus/$t" "$work" >/dev/null 2>&1
         echo "  merged: fuzz/corpus/$t now holds $(ls fuzz/corpus/$t | wc -l) inputs"
     fi
 done

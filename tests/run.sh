@@ -59,12 +59,15 @@ if cargo clippy --version >/dev/null 2>&1; then
     echo "== cargo clippy"
     cargo clippy --locked -j2 --workspace --all-targets -- -D warnings
 fi
-echo "== checking the gateway without the embedded rumqttd (the Raspberry Pi build)"
+echo "== checking the gateway without the embedded rumqttd (the Raspberry Pi build), and with the file destination only (the fuzz targets' build)"
+cargo clippy --locked -j2 -p edgehose --no-default-features --features aws -- -D warnings
 cargo clippy --locked -j2 -p edgehose --no-default-features -- -D warnings
 echo "== checking firmware-sim's hardware build (real I2C through linux-embedded-hal)"
 cargo clippy --locked -j2 -p firmware-sim --features hardware -- -D warnings
-echo "== building the binaries the end-to-end tests run"
-cargo build --locked -j2 --workspace --bins
+echo "== building the binaries the end-to-end tests run, and the tests"
+# With --tests the binaries get the features the tests' dev-dependencies unify (tokio's
+# test-util), so `cargo test` below compiles nothing again (without it: ~10 minutes twice).
+cargo build --locked -j2 --workspace --bins --tests
 echo "== the systemd unit"
 tests/systemd-unit.sh
 echo "== the Debian package"
@@ -73,4 +76,11 @@ echo "== the benchmark harness, quick mode (every figure once, tiny loads; speed
 tests/bench/bench.sh --quick > target/bench-quick.txt
 tail -n 30 target/bench-quick.txt
 echo "== cargo test"
-cargo test --locked -j2 --workspace --no-fail-fast
+status=0
+cargo test --locked -j2 --workspace --no-fail-fast || status=$?
+# Coverage-guided fuzzing, briefly: each target for 15 s from its committed corpus (a bounded
+# run; long runs and their figures: RELIABILITY.md). After the tests, so that a failure in
+# either is reported.
+echo "== fuzzing (tests/fuzz.sh, 15 s per target)"
+FUZZ_PROFILE=quick tests/fuzz.sh 15 || status=$?
+exit "$status"

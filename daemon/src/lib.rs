@@ -99,7 +99,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
                 streams,
                 stream_ids,
                 state: buffer.destinations[index].clone(),
-                sink: Sink::new(dest, &staging).await,
+                sink: Sink::new(dest, &staging).await?,
                 buffer_path: buffer.path.clone(),
                 control: buffer.control.clone(),
                 committed: buffer.committed.clone(),

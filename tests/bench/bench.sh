@@ -15,8 +15,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     fi
 fi
 if [[ " $* " == *" --quick "* ]]; then
-    # The quick mode only proves the harness runs end to end: debug binaries do.
-    cargo build --locked -j2 -p edgehose -p firmware-sim -p edgehose-tests --bins >&2
+    # The quick mode only proves the harness runs end to end: debug binaries do (built as
+    # tests/run.sh builds them, with --tests, so that nothing is compiled twice).
+    cargo build --locked -j2 -p edgehose -p firmware-sim -p edgehose-tests --bins --tests >&2
     export BENCH_BIN=target/debug
 else
     cargo build --locked --release -j2 -p edgehose -p firmware-sim -p edgehose-tests --bins >&2

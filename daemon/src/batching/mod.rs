@@ -13,6 +13,7 @@ pub mod assemble;
 pub mod engine;
 pub mod journal;
 pub mod objects;
+#[cfg(feature = "aws")]
 pub mod records;
 
 use std::path::PathBuf;
@@ -22,7 +23,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
 use crate::buffer::{BufferError, Committed, Control, DestinationState};
-use crate::config::{DestinationConfig, SinkConfig};
+use crate::config::DestinationConfig;
+#[cfg(feature = "aws")]
+use crate::config::SinkConfig;
 use crate::health::Health;
 use crate::shutdown::Shutdown;
 use crate::sinks::{Sink, SinkError};
@@ -145,6 +148,7 @@ impl Destination {
                 engine.checked(checked);
                 engine.run().await;
             }
+            #[cfg(feature = "aws")]
             Sink::Kinesis(sink) => {
                 let checked = sink.check().await.map_err(|e| {
                     unusable(&name, &sink.describe(), &e);

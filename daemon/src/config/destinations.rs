@@ -543,6 +543,13 @@ fn aws_config(
     region: Option<String>,
     endpoint: Option<String>,
 ) -> Result<AwsConfig, ConfigError> {
+    if !cfg!(feature = "aws") {
+        return Err(ConfigError::new(
+            format!("{key}.type"),
+            "\"s3\" and \"kinesis\" destinations are not in this build (built without the \
+             `aws` feature); use \"file\"",
+        ));
+    }
     if let Some(r) = &region {
         let ok = !r.is_empty()
             && r.len() <= 64

@@ -6,10 +6,13 @@
 //! of a batch's records at a time and says which failed; the destination loop
 //! (`batching::engine`) decides when to try again.
 
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod file;
+#[cfg(feature = "aws")]
 pub mod kinesis;
 pub mod kpl;
+#[cfg(feature = "aws")]
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -36,16 +39,21 @@ pub enum SinkError {
 /// What a destination is built with.
 pub enum Sink {
     Object(ObjectSink),
+    #[cfg(feature = "aws")]
     Kinesis(kinesis::KinesisSink),
 }
 
 impl Sink {
     /// `staging` is a directory on the buffer's file system for remote sinks' staged objects.
-    pub async fn new(config: &DestinationConfig, staging: &Path) -> Self {
-        match &config.sink {
+    /// Fails only for a destination type this build leaves out (which config validation
+    /// refuses first).
+    pub async fn new(config: &DestinationConfig, staging: &Path) -> anyhow::Result<Self> {
+        let _ = staging;
+        Ok(match &config.sink {
             SinkConfig::File { root, bucket } => {
                 Sink::Object(ObjectSink::File(file::FileSink::new(root, bucket)))
             }
+            #[cfg(feature = "aws")]
             SinkConfig::S3(s3) => Sink::Object(ObjectSink::S3(
                 s3::S3Sink::new(
                     s3,
@@ -55,14 +63,21 @@ impl Sink {
                 )
                 .await,
             )),
+            #[cfg(feature = "aws")]
             SinkConfig::Kinesis(k) => Sink::Kinesis(kinesis::KinesisSink::new(k).await),
-        }
+            #[cfg(not(feature = "aws"))]
+            SinkConfig::S3(_) | SinkConfig::Kinesis(_) => anyhow::bail!(
+                "destination {}: this build has no AWS destinations (the `aws` feature)",
+                config.name
+            ),
+        })
     }
 
     /// A short description for logs: where records go.
     pub fn describe(&self) -> String {
         match self {
             Sink::Object(s) => s.describe(),
+            #[cfg(feature = "aws")]
             Sink::Kinesis(s) => s.describe(),
         }
     }
@@ -71,6 +86,7 @@ impl Sink {
 /// A sink that takes whole objects under keys.
 pub enum ObjectSink {
     File(file::FileSink),
+    #[cfg(feature = "aws")]
     S3(s3::S3Sink),
 }
 
@@ -79,6 +95,7 @@ impl ObjectSink {
     pub fn staging_path(&self, name: &str) -> PathBuf {
         match self {
             ObjectSink::File(s) => s.staging_path(name),
+            #[cfg(feature = "aws")]
             ObjectSink::S3(s) => s.staging_path(name),
         }
     }
@@ -86,6 +103,7 @@ impl ObjectSink {
     pub fn describe(&self) -> String {
         match self {
             ObjectSink::File(s) => s.describe(),
+            #[cfg(feature = "aws")]
             ObjectSink::S3(s) => s.describe(),
         }
     }
@@ -95,6 +113,7 @@ impl ObjectSink {
     pub async fn check(&self) -> Result<(), SinkError> {
         match self {
             ObjectSink::File(s) => s.check().await,
+            #[cfg(feature = "aws")]
             ObjectSink::S3(s) => s.check().await,
         }
     }
@@ -103,6 +122,7 @@ impl ObjectSink {
     pub async fn put(&self, staged: &Path, key: &str) -> Result<(), SinkError> {
         match self {
             ObjectSink::File(s) => s.put(staged, key).await,
+            #[cfg(feature = "aws")]
             ObjectSink::S3(s) => {
                 s.put(staged, key).await?;
                 let _ = tokio::fs::remove_file(staged).await;
