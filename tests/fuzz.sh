@@ -49,8 +49,9 @@ for t in "${targets[@]}"; do
         echo "fuzz target $t failed; input in $artifacts" >&2
         exit 1
     fi
+    # (with -jobs, libFuzzer's worker logs repeat what the main log says: print each line once)
     grep -h -E '^stat::number_of_executed_units|^stat::peak_rss_mb|^#[0-9]+.*DONE' "$log" fuzz-*.log 2>/dev/null \
-        | sed "s/^/  $t: /" || true
+        | awk '!seen[$0]++' | sed "s/^/  $t: /" || true
     rm -f fuzz-*.log
     if [ "${MERGE:-0}" = 1 ]; then
         "target/fuzz/$triple/$profile/$t" -merge=1 "fuzz/corpus/$t" "$work" >/dev/null 2>&1

@@ -27,6 +27,12 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] && [ "$(id -u)
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends faketime >/dev/null
 fi
 
+# g++: libfuzzer-sys compiles libFuzzer (C++) for the fuzz run at the end.
+if ! command -v c++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== installing g++ (for libFuzzer)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null
+fi
+
 # systemd-analyze checks the service unit (tests/systemd-unit.sh).
 if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "== installing systemd (for systemd-analyze)"

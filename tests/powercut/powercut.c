@@ -240,30 +240,28 @@ static int tracked(int fd) {
     return fd >= 0 && fd < MAX_FDS ? fd_file[fd] - 1 : -1;
 }
 
-ssize_t pwrite(int fd, const void *buf, size_t len, off_t off) {
-    init();
+/* A positioned write through `real`, remembered if the file is tracked. */
+static ssize_t positioned(ssize_t (*real)(int, const void *, size_t, off_t), int fd,
+                          const void *buf, size_t len, off_t off) {
     int f = tracked(fd);
     if (f < 0)
-        return real_pwrite(fd, buf, len, off);
+        return real(fd, buf, len, off);
     pthread_mutex_lock(&lock);
-    ssize_t r = real_pwrite(fd, buf, len, off);
+    ssize_t r = real(fd, buf, len, off);
     if (r > 0)
         remember(f, off, buf, (size_t)r);
     pthread_mutex_unlock(&lock);
     return r;
 }
 
+ssize_t pwrite(int fd, const void *buf, size_t len, off_t off) {
+    init();
+    return positioned(real_pwrite, fd, buf, len, off);
+}
+
 ssize_t pwrite64(int fd, const void *buf, size_t len, off_t off) {
     init();
-    int f = tracked(fd);
-    if (f < 0)
-        return real_pwrite64(fd, buf, len, off);
-    pthread_mutex_lock(&lock);
-    ssize_t r = real_pwrite64(fd, buf, len, off);
-    if (r > 0)
-        remember(f, off, buf, (size_t)r);
-    pthread_mutex_unlock(&lock);
-    return r;
+    return positioned(real_pwrite64, fd, buf, len, off);
 }
 
 ssize_t write(int fd, const void *buf, size_t len) {
@@ -283,10 +281,10 @@ ssize_t write(int fd, const void *buf, size_t len) {
     return r;
 }
 
-int ftruncate(int fd, off_t len) {
-    init();
+/* A truncation through `real`, remembered if the file is tracked. */
+static int truncated(int (*real)(int, off_t), int fd, off_t len) {
     int f = tracked(fd);
-    int r = real_ftruncate(fd, len);
+    int r = real(fd, len);
     if (f >= 0 && r == 0) {
         pthread_mutex_lock(&lock);
         remember(f, len, NULL, (size_t)-1);
@@ -295,16 +293,14 @@ int ftruncate(int fd, off_t len) {
     return r;
 }
 
+int ftruncate(int fd, off_t len) {
+    init();
+    return truncated(real_ftruncate, fd, len);
+}
+
 int ftruncate64(int fd, off_t len) {
     init();
-    int f = tracked(fd);
-    int r = real_ftruncate64(fd, len);
-    if (f >= 0 && r == 0) {
-        pthread_mutex_lock(&lock);
-        remember(f, len, NULL, (size_t)-1);
-        pthread_mutex_unlock(&lock);
-    }
-    return r;
+    return truncated(real_ftruncate64, fd, len);
 }
 
 /* Applies a file's remembered writes to its durable copy. */
@@ -330,9 +326,9 @@ static void flush(int f) {
     real_close(out);
 }
 
-int fsync(int fd) {
-    init();
-    int r = real_fsync(fd);
+/* A sync through `real`: on success the file's remembered writes become durable. */
+static int synced(int (*real)(int), int fd) {
+    int r = real(fd);
     int f = tracked(fd);
     if (f >= 0 && r == 0) {
         pthread_mutex_lock(&lock);
@@ -342,16 +338,14 @@ int fsync(int fd) {
     return r;
 }
 
+int fsync(int fd) {
+    init();
+    return synced(real_fsync, fd);
+}
+
 int fdatasync(int fd) {
     init();
-    int r = real_fdatasync(fd);
-    int f = tracked(fd);
-    if (f >= 0 && r == 0) {
-        pthread_mutex_lock(&lock);
-        flush(f);
-        pthread_mutex_unlock(&lock);
-    }
-    return r;
+    return synced(real_fdatasync, fd);
 }
 
 int unlink(const char *path) {
