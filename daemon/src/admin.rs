@@ -3,6 +3,9 @@
 //! `/healthz` answers with a JSON body (see [`crate::health::Report`]): status `ok`, or
 //! `degraded` when a destination is down (records are buffered; 200 either way), or `failing`
 //! when the buffer does not take writes (503).
+//!
+//! With `admin.token_file`, every request must carry `Authorization: Bearer <token>` (401
+//! otherwise; compared in constant time); the token is read once at start.
 
 use std::net::SocketAddr;
 
@@ -18,10 +21,27 @@ use crate::shutdown::Shutdown;
 /// Binds the admin listener (so a bad address fails start-up) and returns the server future.
 pub async fn serve(
     addr: SocketAddr,
+    token_file: Option<&std::path::Path>,
     metrics: PrometheusHandle,
     health: Health,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let token = match token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read admin.token_file {}: {e}", path.display())
+            })?;
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                anyhow::bail!(
+                    "admin.token_file {}: the token must be at least 16 characters",
+                    path.display()
+                );
+            }
+            Some(std::sync::Arc::new(t))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for admin HTTP on {addr}: {e}"))?;
@@ -50,6 +70,32 @@ pub async fn serve(
                 async move { body }
             }),
         );
+    let app = app.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                if let Some(t) = token {
+                    let given = req
+                        .headers()
+                        .get(axum::http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .unwrap_or("");
+                    let ok: bool =
+                        subtle::ConstantTimeEq::ct_eq(given.as_bytes(), t.as_bytes()).into();
+                    if !ok {
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            [("www-authenticate", "Bearer")],
+                            "a bearer token is required (admin.token_file)\n",
+                        )
+                            .into_response();
+                    }
+                }
+                next.run(req).await
+            }
+        },
+    ));
     Ok(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.wait().await })

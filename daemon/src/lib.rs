@@ -32,6 +32,7 @@ pub mod batching;
 pub mod sinks;
 
 pub mod admin;
+pub mod certs;
 pub mod failpoint;
 pub mod fuzz;
 pub mod health;
@@ -54,6 +55,18 @@ use crate::config::{Config, IngressMode};
 use crate::reload::Hints;
 use crate::routing::Router;
 use crate::sinks::Sink;
+
+/// Loads what the config names beyond itself (TLS certificates and keys, the password file,
+/// the policies), as start-up would: `edgehose check-config`.
+pub fn check_files(config: &Config) -> anyhow::Result<()> {
+    if let IngressMode::FrontDoor(door) = &config.ingress.mode {
+        ingress::auth::Auth::load(door.auth.clone())?;
+        if let Some(tls) = &door.tls {
+            ingress::frontdoor::tls::Tls::load(tls)?;
+        }
+    }
+    Ok(())
+}
 
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down in flow order within
 /// `shutdown.timeout`. With `reload`, SIGHUP reloads the config file.
@@ -117,12 +130,21 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
 
     let admin = match config.admin.listen {
         Some(addr) => Some(tokio::spawn(
-            admin::serve(addr, metrics_handle, health.clone(), shutdown.clone()).await?,
+            admin::serve(
+                addr,
+                config.admin.token_file.as_deref(),
+                metrics_handle,
+                health.clone(),
+                shutdown.clone(),
+            )
+            .await?,
         )),
         None => None,
     };
 
     let router = Arc::new(Router::new(config.streams.clone(), config.ingress.limits));
+    // What SIGHUP reloads in the front door (TLS files, passwords, policies).
+    let mut door_reload = None;
     let ingress = match &config.ingress.mode {
         IngressMode::FrontDoor(f) => {
             let door = ingress::frontdoor::FrontDoor::bind(
@@ -134,6 +156,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
                 sessions_control.take().expect("taken once"),
             )
             .await?;
+            door_reload = Some(door.reloadable());
             tokio::spawn(door.run(shutdown.clone()))
         }
         #[cfg(feature = "broker")]
@@ -172,6 +195,9 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
         if let Some(r) = &reload {
             service::reloading();
             reload::apply(r, &mut config, &hints);
+            if let Some(d) = &door_reload {
+                d.reload();
+            }
             service::reloaded();
         } else {
             info!("SIGHUP ignored: no config file to reload");

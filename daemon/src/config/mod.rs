@@ -12,7 +12,9 @@ use serde::Deserialize;
 use crate::templates::topic::{PartitionKeyTemplate, TopicFilter};
 
 mod destinations;
+mod frontdoor;
 pub use destinations::*;
+pub use frontdoor::*;
 
 /// IoT Core's payload limit (AWS-SEMANTICS 18).
 pub const DEFAULT_MAX_PAYLOAD: u64 = 128 * 1024;
@@ -100,19 +102,6 @@ struct RawIngress {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFrontDoor {
-    listen: Option<String>,
-    max_connections: Option<usize>,
-    receive_maximum: Option<u16>,
-    #[serde(default, with = "humantime_serde")]
-    connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    packet_timeout: Option<Duration>,
-    partial_packet_budget: Option<ByteSize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawBroker {
     listen: Option<String>,
     listen_v5: Option<String>,
@@ -152,6 +141,7 @@ struct RawBuffer {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,21 +211,6 @@ pub enum IngressMode {
 }
 
 #[derive(Debug, Clone)]
-pub struct FrontDoorConfig {
-    pub listen: SocketAddr,
-    pub max_connections: usize,
-    /// QoS 1 publishes a connection may have waiting for their commit (MQTT 5 Receive Maximum).
-    pub receive_maximum: u16,
-    pub connect_timeout: Duration,
-    /// A packet whose first byte has arrived must be complete within this, whatever the
-    /// keep-alive (a half-sent packet otherwise holds its buffer and slot for ever).
-    pub packet_timeout: Duration,
-    /// Bytes all connections together may hold in packets still arriving (beyond a small
-    /// allowance each); a connection that would pass it stops reading until room frees.
-    pub partial_packet_budget: u64,
-}
-
-#[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub listen_v5: Option<SocketAddr>,
@@ -295,6 +270,8 @@ pub struct BufferConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// A file holding a bearer token every request must carry (`Authorization: Bearer ...`).
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +345,7 @@ impl RawConfig {
                 Some("") | Some("off") => None,
                 Some(v) => Some(parse_addr("admin.listen", v)?),
             },
+            token_file: self.admin.token_file,
         };
         let shutdown_timeout = self.shutdown.timeout.unwrap_or(Duration::from_secs(30));
 
@@ -545,40 +523,6 @@ impl RawIngress {
             }
         };
         Ok(IngressConfig { mode, limits })
-    }
-}
-
-impl RawFrontDoor {
-    fn validate(self) -> Result<FrontDoorConfig, ConfigError> {
-        let listen = parse_addr(
-            "ingress.frontdoor.listen",
-            self.listen.as_deref().unwrap_or("127.0.0.1:1883"),
-        )?;
-        let max_connections = self.max_connections.unwrap_or(10_000);
-        if max_connections == 0 {
-            return Err(ConfigError::new(
-                "ingress.frontdoor.max_connections",
-                "must be at least 1",
-            ));
-        }
-        let receive_maximum = self.receive_maximum.unwrap_or(64);
-        if receive_maximum == 0 {
-            return Err(ConfigError::new(
-                "ingress.frontdoor.receive_maximum",
-                "must be at least 1",
-            ));
-        }
-        Ok(FrontDoorConfig {
-            listen,
-            max_connections,
-            receive_maximum,
-            connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(10)),
-            packet_timeout: self.packet_timeout.unwrap_or(Duration::from_secs(60)),
-            partial_packet_budget: self
-                .partial_packet_budget
-                .map_or(64 << 20, |b| b.as_u64())
-                .max(1 << 20),
-        })
     }
 }
 
@@ -780,7 +724,9 @@ mod tests {
         assert_eq!(c.ingress.limits.max_payload, 128 * 1024);
         assert_eq!(c.buffer.when_full, WhenFull::Block);
         assert_eq!(c.buffer.synchronous, Synchronous::Full);
-        assert!(matches!(c.ingress.mode, IngressMode::FrontDoor(ref f) if f.listen.port() == 1883));
+        assert!(
+            matches!(c.ingress.mode, IngressMode::FrontDoor(ref f) if f.listen.is_some_and(|l| l.port() == 1883))
+        );
     }
 
     #[test]

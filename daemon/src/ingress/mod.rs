@@ -1,8 +1,10 @@
 //! Ingress: MQTT messages in, [`Envelope`]s out to the buffer. Three modes: [`frontdoor`],
 //! edgehose's own MQTT listener (PUBACK after commit; the default), [`broker`], the embedded
 //! rumqttd (PUBACK before commit), and [`client`], a client of an external broker. All check
-//! and route every message here, in [`admit`].
+//! and route every message here, in [`admit`]. The front door checks who a device is and what it
+//! may do through [`auth`].
 
+pub mod auth;
 #[cfg(feature = "broker")]
 pub mod broker;
 pub mod client;

@@ -83,6 +83,8 @@ pub enum In {
         receive_maximum: Option<u16>,
         /// MQTT 5: how long the session outlives the connection (0: it does not).
         session_expiry: Option<u32>,
+        /// Username and password, if given.
+        login: Option<(String, String)>,
     },
     Publish {
         topic: Bytes,
@@ -121,6 +123,8 @@ pub enum Refusal {
     ImplementationSpecific,
     /// The buffer could not store it (a full or failing disk): MQTT 5 "Unspecified error".
     NotStored,
+    /// A policy does not allow it (MQTT 5 "Not authorized", 0x87).
+    NotAuthorized,
 }
 
 /// Why a subscription was refused (MQTT 3.1.1 says only "failure").
@@ -130,6 +134,8 @@ pub enum SubRefused {
     Invalid,
     /// The session already holds `MAX_FILTERS` filters.
     Quota,
+    /// A policy does not allow it.
+    NotAuthorized,
 }
 
 /// What the front door sends.
@@ -173,6 +179,8 @@ pub enum Out {
 pub enum ConnRefusal {
     BadClientId,
     ServerUnavailable,
+    BadCredentials,
+    NotAuthorized,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +263,7 @@ fn from_v4(p: v4::Packet) -> In {
             }),
             receive_maximum: None,
             session_expiry: None,
+            login: c.login.map(|l| (l.username, l.password)),
         },
         v4::Packet::Publish(p) => In::Publish {
             topic: Bytes::from(p.topic.into_bytes()),
@@ -287,7 +296,8 @@ fn from_v4(p: v4::Packet) -> In {
 
 fn from_v5(p: v5::Packet) -> In {
     match p {
-        v5::Packet::Connect(c, will, _login) => In::Connect {
+        v5::Packet::Connect(c, will, login) => In::Connect {
+            login: login.map(|l| (l.username, l.password)),
             receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
             session_expiry: c
                 .properties
@@ -361,6 +371,8 @@ fn to_v4(out: Out) -> Option<v4::Packet> {
                 None => v4::ConnectReturnCode::Success,
                 Some(ConnRefusal::BadClientId) => v4::ConnectReturnCode::BadClientId,
                 Some(ConnRefusal::ServerUnavailable) => v4::ConnectReturnCode::ServiceUnavailable,
+                Some(ConnRefusal::BadCredentials) => v4::ConnectReturnCode::BadUserNamePassword,
+                Some(ConnRefusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
             },
             session_present,
         )),
@@ -410,6 +422,8 @@ fn to_v5(out: Out) -> Option<v5::Packet> {
                 None => v5::ConnectReturnCode::Success,
                 Some(ConnRefusal::BadClientId) => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 Some(ConnRefusal::ServerUnavailable) => v5::ConnectReturnCode::ServerUnavailable,
+                Some(ConnRefusal::BadCredentials) => v5::ConnectReturnCode::BadUserNamePassword,
+                Some(ConnRefusal::NotAuthorized) => v5::ConnectReturnCode::NotAuthorized,
             },
             properties: Some(v5::ConnAckProperties {
                 receive_max: Some(receive_maximum),
@@ -443,6 +457,7 @@ fn to_v5(out: Out) -> Option<v5::Packet> {
                     v5::PubAckReason::ImplementationSpecificError
                 }
                 Some(Refusal::NotStored) => v5::PubAckReason::UnspecifiedError,
+                Some(Refusal::NotAuthorized) => v5::PubAckReason::NotAuthorized,
             },
             properties: None,
         }),
@@ -470,6 +485,7 @@ fn to_v5(out: Out) -> Option<v5::Packet> {
                     Ok(q) => v5::SubscribeReasonCode::Success(q5(q)),
                     Err(SubRefused::Invalid) => v5::SubscribeReasonCode::TopicFilterInvalid,
                     Err(SubRefused::Quota) => v5::SubscribeReasonCode::QuotaExceeded,
+                    Err(SubRefused::NotAuthorized) => v5::SubscribeReasonCode::NotAuthorized,
                 })
                 .collect(),
             properties: None,

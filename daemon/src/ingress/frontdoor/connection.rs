@@ -6,10 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -19,6 +17,8 @@ use super::codec::{
 };
 use super::pubsub::{Delivery, Opened};
 use super::Shared;
+use crate::ingress::auth::policy::Action;
+use crate::ingress::auth::{Authenticated, Identity, PeerCertificate};
 use crate::message::{Ack, Outcome};
 use crate::metrics as m;
 use crate::ratelimit::LogLimit;
@@ -33,8 +33,8 @@ const MIN_READ: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
 
 /// Reads what the socket has, growing the read size while reads come back full.
-async fn read_some(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     size: &mut usize,
 ) -> std::io::Result<usize> {
@@ -97,16 +97,40 @@ enum End {
     Abnormal(&'static str),
 }
 
-pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdown) {
-    let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
-    let (mut rd, mut wr) = stream.into_split();
+/// What the listener knows of a connection before its CONNECT.
+pub struct Peer {
+    pub addr: Option<std::net::SocketAddr>,
+    /// The device certificate the TLS handshake verified.
+    pub certificate: Option<PeerCertificate>,
+    /// Whether a client without certificate or credentials may connect on this listener.
+    pub anonymous: bool,
+    /// CONNECT must have arrived by then (the connect timeout from accept, TLS included).
+    pub deadline: Instant,
+}
+
+/// Serves one connection, from CONNECT to its end.
+pub async fn serve<R, W>(
+    mut rd: R,
+    mut wr: W,
+    peer: Peer,
+    shared: Arc<Shared>,
+    mut shutdown: Shutdown,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Peer {
+        addr: peer,
+        certificate,
+        anonymous,
+        deadline,
+    } = peer;
     // Small to start: 10,000 idle devices must not cost 10,000 large buffers. They grow as needed.
     let mut inbuf = BytesMut::with_capacity(MIN_READ);
     let mut outbuf = BytesMut::with_capacity(256);
 
     // CONNECT, within the connect timeout.
-    let connect = tokio::time::timeout(shared.connect_timeout, async {
+    let connect = tokio::time::timeout_at(deadline, async {
         loop {
             if let Some(version) = codec::detect(&inbuf)? {
                 let codec = Codec {
@@ -142,6 +166,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         will,
         receive_maximum,
         session_expiry,
+        login,
     } = packet
     else {
         return;
@@ -162,6 +187,38 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         let _ = send(&codec, &mut wr, &mut outbuf, refusal).await;
         return;
     }
+    // Who it is, and whether it may connect (before it can take over anyone's session).
+    let identity = match shared.auth.connect(
+        &client_id,
+        certificate.as_ref(),
+        login.as_ref().map(|(u, p)| (u.as_str(), p.as_bytes())),
+        anonymous,
+    ) {
+        Authenticated::Yes(id) => id,
+        refused => {
+            let (refusal, reason, why) = match refused {
+                Authenticated::BadCredentials => (
+                    ConnRefusal::BadCredentials,
+                    "bad_credentials",
+                    "wrong username or password".to_string(),
+                ),
+                Authenticated::NotAuthorized(why) => {
+                    (ConnRefusal::NotAuthorized, "not_authorized", why)
+                }
+                Authenticated::Yes(_) => unreachable!("matched above"),
+            };
+            metrics::counter!(m::AUTH_REFUSED, "action" => "connect", "reason" => reason)
+                .increment(1);
+            static LOG: LogLimit = LogLimit::new();
+            if let Some(suppressed) = LOG.allow() {
+                warn!(?peer, client_id = ?client_id, username = ?login.as_ref().map(|l| &l.0), why, suppressed, "connection refused");
+            }
+            let refusal = connack(&shared, Some(refusal), None, false);
+            let _ = send(&codec, &mut wr, &mut outbuf, refusal).await;
+            return;
+        }
+    };
+    drop(login);
     // The newer connection wins, as in IoT Core.
     let (session, taken_over) = shared.sessions.register(&client_id);
     // A session outlives its connection when the device asks: 3.1.1 clean_session = 0,
@@ -202,6 +259,8 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         outgoing: Vec::new(),
         next_pkid: 0,
         wake_queue: false,
+        identity,
+        allowed: Vec::new(),
     };
     let end = c
         .run(
@@ -217,7 +276,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>, mut shutdown: Shutdow
         .await;
     if let End::Abnormal(why) = end {
         debug!(client_id = ?client_id, why, "connection ended");
-        if let Some(w) = will {
+        if let Some(w) = will.filter(|w| c.may_publish(&w.topic, w.retain)) {
             // The will is a message like any other: checked, routed, committed.
             let env = crate::ingress::admit(
                 &shared.router,
@@ -253,9 +312,9 @@ fn connack(
     }
 }
 
-async fn send(
+async fn send<W: AsyncWrite + Unpin>(
     codec: &Codec,
-    wr: &mut OwnedWriteHalf,
+    wr: &mut W,
     buf: &mut BytesMut,
     out: Out,
 ) -> std::io::Result<()> {
@@ -284,14 +343,21 @@ struct Connection {
     next_pkid: u16,
     /// A PUBACK freed room in the window: look at the session's queue again.
     wake_queue: bool,
+    identity: Identity,
+    /// Topics this device was last allowed to publish to, with the policy generation of the
+    /// answer (a device publishes to a few topics: the policy is evaluated once for each).
+    allowed: Vec<(Bytes, bool, u64)>,
 }
+
+/// How many topics a connection remembers as allowed.
+const ALLOWED_CACHE: usize = 8;
 
 impl Connection {
     #[allow(clippy::too_many_arguments)]
-    async fn run(
+    async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
-        wr: &mut OwnedWriteHalf,
+        rd: &mut R,
+        wr: &mut W,
         inbuf: &mut BytesMut,
         outbuf: &mut BytesMut,
         keep_alive: u16,
@@ -457,6 +523,13 @@ impl Connection {
         let batch = self.shared.pubsub.take(&self.client_id, room.min(BATCH));
         let full = batch.len() == room.min(BATCH);
         for d in batch {
+            if !self.may_receive(&d.topic) {
+                // Not delivered, as IoT Core does; a QoS 1 one leaves the session's queue.
+                if d.qos > 0 {
+                    self.shared.pubsub.acked(&self.client_id, d.seq);
+                }
+                continue;
+            }
             let pkid = if d.qos > 0 { self.pkid() } else { 0 };
             let _ = self.codec.write(
                 Out::Publish {
@@ -475,6 +548,59 @@ impl Connection {
         }
         if full {
             notify.notify_one();
+        }
+    }
+
+    /// May this device publish to `topic` (`iot:Publish`, and `iot:RetainPublish` for a
+    /// retained message)? Refusals are counted and logged (rate-limited).
+    fn may_publish(&mut self, topic: &[u8], retain: bool) -> bool {
+        let generation = self.identity.generation();
+        // Only plain publishes are remembered (a retained one needs a second action).
+        if let Some(&(_, ok, _)) = self
+            .allowed
+            .iter()
+            .find(|(t, _, g)| !retain && *g == generation && t.as_ref() == topic)
+        {
+            return ok;
+        }
+        let name = String::from_utf8_lossy(topic);
+        let mut d = self.identity.check(Action::Publish, &name);
+        if d.allowed && retain {
+            d = self.identity.check(Action::RetainPublish, &name);
+        }
+        let ok = d.allowed;
+        if !retain {
+            if self.allowed.len() >= ALLOWED_CACHE {
+                self.allowed.remove(0);
+            }
+            self.allowed
+                .push((Bytes::copy_from_slice(topic), ok, generation));
+        }
+        if !ok {
+            self.refused(
+                if retain { "retain_publish" } else { "publish" },
+                &name,
+                &d.reason,
+            );
+        }
+        ok
+    }
+
+    fn may_receive(&self, topic: &[u8]) -> bool {
+        let name = String::from_utf8_lossy(topic);
+        let d = self.identity.check(Action::Receive, &name);
+        if !d.allowed {
+            self.refused("receive", &name, &d.reason);
+        }
+        d.allowed
+    }
+
+    fn refused(&self, action: &'static str, name: &str, why: &str) {
+        metrics::counter!(m::AUTH_REFUSED, "action" => action, "reason" => "not_authorized")
+            .increment(1);
+        static LOG: LogLimit = LogLimit::new();
+        if let Some(suppressed) = LOG.allow() {
+            warn!(client_id = ?self.client_id, action, name = ?name, why, suppressed, "not authorized");
         }
     }
 
@@ -522,6 +648,24 @@ impl Connection {
                         .codec
                         .write(Out::Disconnect(DisconnectReason::QoSNotSupported), outbuf);
                     return Err(End::Abnormal("QoS 2 is not supported"));
+                }
+                if !self.may_publish(&topic, retain) {
+                    // MQTT 5 says so in the PUBACK; a 3.1.1 device can only be disconnected
+                    // (what IoT Core does); a QoS 0 message is dropped.
+                    return match (self.codec.version, qos) {
+                        (Version::V5, 1) => {
+                            let _ = self.codec.write(
+                                Out::PubAck {
+                                    pkid,
+                                    refused: Some(Refusal::NotAuthorized),
+                                },
+                                outbuf,
+                            );
+                            Ok(())
+                        }
+                        (Version::V5, _) => Ok(()),
+                        (Version::V311, _) => Err(End::Abnormal("publish not authorized")),
+                    };
                 }
                 // Local subscribers get the message once it is committed.
                 let fanout = self.shared.pubsub.wants(retain).then(|| {
@@ -572,7 +716,13 @@ impl Connection {
                 let parsed: Vec<Result<(TopicFilter, u8), SubRefused>> = filters
                     .iter()
                     .map(|(f, q)| {
-                        let f = TopicFilter::parse(f).map_err(|_| SubRefused::Invalid)?;
+                        let parsed = TopicFilter::parse(f).map_err(|_| SubRefused::Invalid)?;
+                        let d = self.identity.check(Action::Subscribe, f);
+                        if !d.allowed {
+                            self.refused("subscribe", f, &d.reason);
+                            return Err(SubRefused::NotAuthorized);
+                        }
+                        let f = parsed;
                         if !self.shared.pubsub.has_filter(&self.client_id, &f) {
                             if room == 0 {
                                 return Err(SubRefused::Quota);

@@ -3,13 +3,16 @@
 //! ([`codec`]); each connection is a task ([`connection`]); a client id has at most one live
 //! connection, the newest ([`Sessions`]); committed messages reach local subscribers through
 //! [`pubsub`], its filters indexed by [`filter_index`]; persistent sessions and retained
-//! messages are saved in the buffer file ([`persist`]).
+//! messages are saved in the buffer file ([`persist`]). Beside the plain listener, an MQTT over
+//! TLS one ([`tls`]); who a device is and what it may do is [`crate::ingress::auth`]'s.
 
 pub mod codec;
 pub mod connection;
 pub mod filter_index;
+pub mod limits;
 pub mod persist;
 pub mod pubsub;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,11 +23,12 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::buffer::sessions::Saved;
 use crate::buffer::Control;
 use crate::config::{FrontDoorConfig, Limits};
+use crate::ingress::auth::Auth;
 use crate::message::Envelope;
 use crate::routing::Router;
 use crate::shutdown::Shutdown;
@@ -43,6 +47,7 @@ pub struct Shared {
     pub max_packet: usize,
     pub sessions: Sessions,
     pub pubsub: Arc<pubsub::PubSub>,
+    pub auth: Arc<Auth>,
 }
 
 /// Live connections by client id. Registering an id that is live tells the older connection
@@ -80,12 +85,36 @@ impl Sessions {
     }
 }
 
+/// One listening socket: plain MQTT, or MQTT over TLS.
+struct Listener {
+    socket: TcpListener,
+    tls: Option<Arc<tls::Tls>>,
+    anonymous: bool,
+    per_address: Arc<limits::PerAddress>,
+}
+
 pub struct FrontDoor {
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     shared: Arc<Shared>,
     max_connections: usize,
     /// The buffer writer, which saves sessions.
     control: mpsc::Sender<Control>,
+}
+
+/// What SIGHUP reloads in the front door: the TLS files, the password file and the policies.
+#[derive(Clone)]
+pub struct Reloadable {
+    tls: Option<Arc<tls::Tls>>,
+    auth: Arc<Auth>,
+}
+
+impl Reloadable {
+    pub fn reload(&self) {
+        if let Some(t) = &self.tls {
+            t.reload();
+        }
+        self.auth.reload();
+    }
 }
 
 impl FrontDoor {
@@ -97,9 +126,40 @@ impl FrontDoor {
         saved: Saved,
         control: mpsc::Sender<Control>,
     ) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("cannot listen for MQTT on {}", cfg.listen))?;
+        let auth = Auth::load(cfg.auth.clone())?;
+        let per_address = |listen| {
+            Arc::new(limits::PerAddress::new(
+                cfg.max_connections_per_address,
+                cfg.limit_loopback,
+                listen,
+            ))
+        };
+        let mut listeners = Vec::new();
+        if let Some(listen) = cfg.listen {
+            let socket = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen for MQTT on {listen}"))?;
+            info!(%listen, anonymous = cfg.anonymous, "MQTT front door listening (3.1.1 and 5; PUBACK after commit)");
+            listeners.push(Listener {
+                socket,
+                tls: None,
+                anonymous: cfg.anonymous,
+                per_address: per_address(listen),
+            });
+        }
+        if let Some(t) = &cfg.tls {
+            let loaded = Arc::new(tls::Tls::load(t)?);
+            let socket = TcpListener::bind(t.listen)
+                .await
+                .with_context(|| format!("cannot listen for MQTT over TLS on {}", t.listen))?;
+            info!(listen = %t.listen, client_certs = ?t.client_certs, anonymous = t.anonymous, "MQTT over TLS listening");
+            listeners.push(Listener {
+                socket,
+                tls: Some(loaded),
+                anonymous: t.anonymous,
+                per_address: per_address(t.listen),
+            });
+        }
         let pubsub = Arc::new(pubsub::PubSub::default());
         let (sessions, retained) = pubsub.restore(saved);
         if sessions + retained > 0 {
@@ -108,10 +168,9 @@ impl FrontDoor {
                 retained, "restored persistent MQTT sessions and retained messages"
             );
         }
-        info!(listen = %cfg.listen, "MQTT front door listening (3.1.1 and 5; PUBACK after commit)");
         Ok(Self {
             control,
-            listener,
+            listeners,
             max_connections: cfg.max_connections,
             shared: Arc::new(Shared {
                 router,
@@ -127,14 +186,30 @@ impl FrontDoor {
                 max_packet: (limits.max_payload * 2 + 64 * 1024).min(256 * 1024 * 1024),
                 sessions: Sessions::default(),
                 pubsub,
+                auth,
             }),
         })
     }
 
+    /// What SIGHUP reloads.
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable {
+            tls: self.listeners.iter().find_map(|l| l.tls.clone()),
+            auth: Arc::clone(&self.shared.auth),
+        }
+    }
+
+    /// The addresses listened on, plain first (tests bind port 0).
+    pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.socket.local_addr().ok())
+            .collect()
+    }
+
     /// Accepts connections until shutdown, then waits for every connection to finish.
-    pub async fn run(self, mut shutdown: Shutdown) {
+    pub async fn run(self, shutdown: Shutdown) {
         let permits = Arc::new(Semaphore::new(self.max_connections));
-        let mut connections = JoinSet::new();
         // Local fan-out, off the buffer writer's thread; it ends with the front door.
         let fanout = {
             let pubsub = Arc::clone(&self.shared.pubsub);
@@ -144,48 +219,121 @@ impl FrontDoor {
             Arc::clone(&self.shared.pubsub),
             self.control.clone(),
         ));
-        loop {
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
-                _ = shutdown.wait() => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            };
-            let (stream, _) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
-                if let Some(suppressed) = LOG.allow() {
-                    warn!(
-                        max = self.max_connections,
-                        suppressed, "connection refused: ingress.frontdoor.max_connections reached"
-                    );
-                }
-                drop(stream);
-                continue;
-            };
-            let shared = Arc::clone(&self.shared);
-            let shutdown = shutdown.clone();
-            connections.spawn(async move {
-                connection::serve(stream, shared, shutdown).await;
-                drop(permit);
-            });
+        let mut accepting = JoinSet::new();
+        for listener in self.listeners {
+            accepting.spawn(accept_loop(
+                listener,
+                Arc::clone(&self.shared),
+                Arc::clone(&permits),
+                self.max_connections,
+                shutdown.clone(),
+            ));
         }
-        drop(self.listener);
+        // At shutdown each accept loop hands back its connections, which are finishing.
+        while let Some(r) = accepting.join_next().await {
+            if let Ok(mut set) = r {
+                while set.join_next().await.is_some() {}
+            }
+        }
         let pubsub = Arc::clone(&self.shared.pubsub);
         drop(self.shared);
-        while connections.join_next().await.is_some() {}
         fanout.abort();
         // Every connection has put back what it had in flight: save the sessions as they are.
         saver.abort();
         persist::save(&pubsub, &self.control).await;
         info!("MQTT front door stopped");
     }
+}
+
+/// Accepts on one listener until shutdown; returns its connections, still running.
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    max_connections: usize,
+    mut shutdown: Shutdown,
+) -> JoinSet<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.socket.accept() => a,
+            _ = shutdown.wait() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
+            if let Some(suppressed) = LOG.allow() {
+                warn!(
+                    max = max_connections,
+                    suppressed, "connection refused: ingress.frontdoor.max_connections reached"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let Some(slot) = listener.per_address.admit(addr.ip()) else {
+            metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "accept", "reason" => "per_address_limit").increment(1);
+            drop(stream);
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        let tls = listener.tls.clone();
+        let anonymous = listener.anonymous;
+        connections.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            // The TLS handshake and CONNECT together within the connect timeout: a slow or
+            // silent client cannot hold its slot longer than that.
+            let deadline = tokio::time::Instant::now() + shared.connect_timeout;
+            let peer = |certificate| connection::Peer {
+                addr: Some(addr),
+                certificate,
+                anonymous,
+                deadline,
+            };
+            match tls {
+                None => {
+                    let (rd, wr) = stream.into_split();
+                    connection::serve(rd, wr, peer(None), shared, shutdown).await;
+                }
+                Some(tls) => {
+                    match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                        Ok(Ok((stream, cert))) => {
+                            let (rd, wr) = tokio::io::split(stream);
+                            connection::serve(rd, wr, peer(cert), shared, shutdown).await;
+                        }
+                        Ok(Err(e)) => {
+                            let reason = match &e {
+                                tls::HandshakeError::Revoked { .. } => "revoked",
+                                tls::HandshakeError::Failed(_) => "tls_handshake",
+                            };
+                            metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "connect", "reason" => reason).increment(1);
+                            static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
+                            if let Some(suppressed) = LOG.allow() {
+                                warn!(peer = %addr, error = %e, suppressed, "TLS connection refused");
+                            }
+                        }
+                        Err(_) => {
+                            metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "connect", "reason" => "tls_handshake_timeout").increment(1);
+                            debug!(peer = %addr, "no TLS handshake within the connect timeout");
+                        }
+                    }
+                }
+            }
+            drop(slot);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    connections
 }
 
 #[cfg(test)]
