@@ -102,3 +102,55 @@ pub async fn serve(
             .await;
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, auth: Option<&str>) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let header = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        s.write_all(format!("GET /healthz HTTP/1.0\r\n{header}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or("").to_string()
+    }
+
+    #[tokio::test]
+    async fn with_a_token_file_every_request_needs_the_bearer_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "0123456789abcdef-secret\n").unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let server = serve(addr, Some(&token), metrics, Health::default(), shutdown)
+            .await
+            .unwrap();
+        tokio::spawn(server);
+        assert!(get(addr, None).await.contains("401"));
+        assert!(get(addr, Some("Bearer wrong")).await.contains("401"));
+        assert!(get(addr, Some("Bearer 0123456789abcdef-secret"))
+            .await
+            .contains("200"));
+        // A short token is refused at start.
+        std::fs::write(&token, "short").unwrap();
+        let (_t, shutdown) = crate::shutdown::channel();
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let e = serve(addr, Some(&token), metrics, Health::default(), shutdown)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("at least 16"), "{e}");
+    }
+}

@@ -15,6 +15,47 @@ use crate::ingress::frontdoor::filter_index::FilterIndex;
 use crate::sinks::kpl;
 use crate::templates::{json_field, keys, topic};
 
+/// Who a device is and what it may do: an IoT policy document (then requests evaluated under
+/// it), a password file, or a certificate's DER (its subject common name and serial), chosen by
+/// the first byte. Whatever the input, loading ends in a document or an error, and every
+/// request in a decision with a reason.
+pub fn auth(data: &[u8]) {
+    use crate::ingress::auth::{passwords::Passwords, policy, x509};
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 3 {
+        0 => {
+            let text = String::from_utf8_lossy(rest);
+            let (doc, requests) = text.split_once('\n').unwrap_or((&text, ""));
+            let Ok(p) = policy::Policy::parse("fuzz", doc) else {
+                return;
+            };
+            let mut lines = requests.lines();
+            let who = policy::Principal {
+                client_id: lines.next().unwrap_or("dev").to_string(),
+                thing_name: lines.next().map(str::to_string),
+                common_name: None,
+            };
+            for name in lines.take(8) {
+                for action in policy::Action::ALL {
+                    let d = policy::evaluate([&p], &who, action, name);
+                    assert!(!d.reason.is_empty());
+                }
+            }
+        }
+        1 => {
+            if let Ok(p) = Passwords::parse(&String::from_utf8_lossy(rest)) {
+                assert!(!p.verify("\u{0}no such user", b"x"));
+            }
+        }
+        _ => {
+            let _ = x509::subject_common_name(rest);
+            let _ = x509::serial(rest);
+        }
+    }
+}
+
 /// The MQTT codec: a connection's bytes as they arrive, in two reads split where the input
 /// says. Whatever the bytes, reading ends in packets, "need more" or an error; a packet the
 /// codec returns is never larger than the limit it was given.

@@ -45,3 +45,8 @@ fn block_corpus() {
 fn kpl_corpus() {
     replay("kpl", edgehose::fuzz::kpl);
 }
+
+#[test]
+fn auth_corpus() {
+    replay("auth", edgehose::fuzz::auth);
+}

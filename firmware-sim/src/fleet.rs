@@ -139,9 +139,9 @@ pub async fn device(
         let read = |p: &std::path::PathBuf| {
             std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
         };
-        let client_auth = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
-            _ => None,
+        let client_auth = match args.client_cert(&id) {
+            Some((cert, key)) => Some((read(&cert)?, read(&key)?)),
+            None => None,
         };
         opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
             ca: read(ca)?,

@@ -85,7 +85,7 @@ struct Args {
     /// MQTT password (with --username).
     #[arg(long, requires = "username")]
     password: Option<String>,
-    /// Connect over TLS, trusting this CA certificate (PEM). Default engine only.
+    /// Connect over TLS, trusting this CA certificate (PEM).
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
     /// Client certificate (PEM) for TLS client authentication, with --tls-key.
@@ -94,6 +94,10 @@ struct Args {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
     tls_key: Option<std::path::PathBuf>,
+    /// One certificate per device: DIR/<client id>.crt and DIR/<client id>.key (what
+    /// `edgehose certs --device ID` writes under devices/).
+    #[arg(long, requires = "tls_ca", conflicts_with_all = ["tls_cert", "tls_key"])]
+    tls_cert_dir: Option<std::path::PathBuf>,
     /// Give up on a device after this many failed reconnects in a row (0: keep trying until
     /// --timeout-secs).
     #[arg(long, default_value_t = 0)]
@@ -141,6 +145,9 @@ struct Summary {
     failed_devices: u64,
     reconnects: u64,
     elapsed_s: f64,
+    /// Raw engine: from start to the last device's CONNACK (a connection storm's length).
+    connect_s: f64,
+    connected: u64,
     rate_msg_s: f64,
     puback_latency_ms_p50: f64,
     puback_latency_ms_p99: f64,
@@ -153,6 +160,23 @@ struct Counters {
     acknowledged: AtomicU64,
     failed: AtomicU64,
     reconnects: AtomicU64,
+    /// Devices whose first CONNACK arrived (raw engine), and when the last one did (ms since
+    /// start).
+    connected: AtomicU64,
+    last_connack_ms: AtomicU64,
+}
+
+impl Args {
+    /// The client certificate and key for device `id`, if any.
+    fn client_cert(&self, id: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_cert_dir) {
+            (Some(c), Some(k), _) => Some((c.clone(), k.clone())),
+            (_, _, Some(dir)) => {
+                Some((dir.join(format!("{id}.crt")), dir.join(format!("{id}.key"))))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One spec per device: its group in the profile, with the command line's overrides.
@@ -210,9 +234,6 @@ async fn main() -> anyhow::Result<()> {
         bail!("--i2c-bus reads one real device: use --devices 1");
     }
     if args.tls_ca.is_some() {
-        if args.engine == Engine::Raw {
-            bail!("--tls-ca works with the default engine (rumqttc), not --engine raw");
-        }
         // rustls with the ring provider: small, and builds without a C toolchain beyond cc.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
@@ -291,6 +312,8 @@ async fn main() -> anyhow::Result<()> {
         failed_devices: counters.failed.load(Ordering::Relaxed),
         reconnects: counters.reconnects.load(Ordering::Relaxed),
         elapsed_s: elapsed,
+        connect_s: counters.last_connack_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        connected: counters.connected.load(Ordering::Relaxed),
         rate_msg_s: published as f64 / elapsed.max(1e-9),
         puback_latency_ms_p50: percentile(&latencies, 0.50),
         puback_latency_ms_p99: percentile(&latencies, 0.99),

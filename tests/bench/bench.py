@@ -22,6 +22,11 @@ Systems:
              (tests/src/bin/null-sub.rs)
 The load is firmware-sim's realistic 200-byte JSON from 100 devices (--engine raw: a lean MQTT
 writer per device, so the load generator leaves the daemon most of the 2 cores).
+
+The mTLS figures run the same daemon with its TLS listener (client certificates required,
+ECDSA P-256 certificates from `edgehose certs`, TLS 1.3, no policies) and the same raw engine
+over rustls; every device does a full handshake (no resumption), the client's share of it on
+the same 2 cores.
 """
 import argparse
 import json
@@ -90,16 +95,25 @@ def proc_written(pid):
 class Edgehose:
     """One `edgehose run` on a scratch directory with the benchmark config."""
 
-    def __init__(self, root=None, interval="1s", size="5MiB", scratch=None):
+    def __init__(self, root=None, interval="1s", size="5MiB", scratch=None, pki=None):
         self.scratch = scratch or tempfile.mkdtemp(prefix="edgehose-bench-")
         self.mqtt = free_port()
         self.admin = free_port()
+        self.tls = free_port() if pki else None
         self.out = root or os.path.join(self.scratch, "out")
+        tls = "" if not pki else f"""
+[ingress.frontdoor.tls]
+listen = "127.0.0.1:{self.tls}"
+cert = "{pki}/server.crt"
+key = "{pki}/server.key"
+client_ca = "{pki}/ca.crt"
+"""
         config = f"""
 [ingress]
 mode = "frontdoor"
 [ingress.frontdoor]
 listen = "127.0.0.1:{self.mqtt}"
+{tls}
 [buffer]
 path = "{self.scratch}/data/edgehose.db"
 {commit_overrides()}
@@ -234,13 +248,29 @@ def relay_run(kind, total, qos, devices, per):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def edgehose_ingest(total, qos, devices, per):
+def make_pki():
+    """A CA, the server certificate for 127.0.0.1 and one device certificate, by edgehose certs."""
+    pki = tempfile.mkdtemp(prefix="edgehose-bench-pki-")
+    subprocess.run([os.path.join(BIN, "edgehose"), "certs", "--dir", pki, "--host", "127.0.0.1",
+                    "--device", "fleet"], check=True, capture_output=True)
+    return pki
+
+
+def tls_args(pki):
+    return ("--tls-ca", f"{pki}/ca.crt", "--tls-cert", f"{pki}/devices/fleet.crt",
+            "--tls-key", f"{pki}/devices/fleet.key")
+
+
+def edgehose_ingest(total, qos, devices, per, pki=None):
     """(committed msg/s, devices' publish msg/s, peak RSS KiB, CPU s per million, committed)."""
-    gw = Edgehose()
+    gw = Edgehose(pki=pki)
     try:
         cpu0 = proc_cpu_s(gw.pid)
         start = time.time()
-        s = sim(gw.mqtt, devices, per, qos=qos)
+        if pki:
+            s = sim(gw.tls, devices, per, qos=qos, extra=tls_args(pki))
+        else:
+            s = sim(gw.mqtt, devices, per, qos=qos)
         sent = s["published"]
         done = gw.wait_metric("edgehose_records_committed_total", sent, timeout=120)
         committed = gw.metric("edgehose_records_committed_total")
@@ -347,14 +377,34 @@ def backlog(records):
         gw.stop()
 
 
-def many_devices(devices, seconds):
-    gw = Edgehose()
+def many_devices(devices, seconds, pki=None):
+    gw = Edgehose(pki=pki)
     try:
         cpu0 = proc_cpu_s(gw.pid)
-        s = sim(gw.mqtt, devices, seconds, rate=1.0, extra=("--spread", "5"))
+        if pki:
+            s = sim(gw.tls, devices, seconds, rate=1.0, extra=("--spread", "5", *tls_args(pki)))
+        else:
+            s = sim(gw.mqtt, devices, seconds, rate=1.0, extra=("--spread", "5"))
         cpu = proc_cpu_s(gw.pid) - cpu0
         return {"acknowledged": s["acknowledged"], "hwm_kib": proc_status(gw.pid, "VmHWM"),
-                "cpu_s": cpu, "cpu_share": cpu / max(s.get("elapsed_s", seconds), 1e-9)}
+                "rss_end_kib": proc_status(gw.pid, "VmRSS"),
+                "cpu_s": cpu, "cpu_share": cpu / max(s.get("elapsed_s", seconds), 1e-9),
+                "failed_devices": s["failed_devices"]}
+    finally:
+        gw.stop()
+
+
+def storm(devices, pki):
+    """A reconnect storm: every device connects at once over mutual TLS (full handshakes),
+    publishes one message and leaves; handshakes per second until the last CONNACK."""
+    gw = Edgehose(pki=pki)
+    try:
+        cpu0 = proc_cpu_s(gw.pid)
+        s = sim(gw.tls, devices, 1, extra=tls_args(pki))
+        return {"connected": s["connected"], "connect_s": s["connect_s"],
+                "rate": s["connected"] / max(s["connect_s"], 1e-9),
+                "failed_devices": s["failed_devices"],
+                "daemon_cpu_s": proc_cpu_s(gw.pid) - cpu0}
     finally:
         gw.stop()
 
@@ -400,7 +450,12 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="every figure once, tiny loads (CI: the harness runs, speed not judged)")
+    ap.add_argument("--tls", action="store_true",
+                    help="only the TLS figures, beside plain TCP: QoS 1 ingest plain and over "
+                         "mutual TLS (alternated), the reconnect storm, idle devices both ways")
     a = ap.parse_args()
+    if a.tls:
+        return main_tls(a)
     runs = 1 if a.quick else a.runs
     q = a.quick
     per = 200 if q else 5000          # messages per device in ingest runs (100 devices)
@@ -433,6 +488,22 @@ def main():
                 pubs.append(pub)
             raw[f"ingest_qos{qos}_{system}"] = {"rates": rates, "publish_rates": pubs, "runs": extra}
             fig[f"ingest_qos{qos}_{system}"] = summary(rates)
+
+    # The same QoS 1 load over mutual TLS, alternated with nothing else in between.
+    pki = make_pki()
+    tls_rates, tls_extra = [], []
+    for r in range(runs):
+        rate, pub, hwm, cpu, committed, sent = edgehose_ingest(total, 1, 100, per, pki=pki)
+        tls_rates.append(rate)
+        tls_extra.append({"hwm_kib": hwm, "cpu_s_per_million": cpu, "committed": committed,
+                          "sent": sent})
+        log(f"ingest qos1 edgehose mTLS run {r + 1}: {rate:,.0f} msg/s committed "
+            f"({committed:.0f} of {sent} sent)")
+    raw["ingest_qos1_edgehose_mtls"] = {"rates": tls_rates, "runs": tls_extra}
+    fig["ingest_qos1_mtls"] = summary(tls_rates)
+    fig["ratio_mtls_vs_plain"] = (fig["ingest_qos1_mtls"]["median"]
+                                  / fig["ingest_qos1_edgehose"]["median"])
+    fig["mtls_lost"] = max(r["sent"] - r["committed"] for r in tls_extra)
 
     e1 = fig["ingest_qos1_edgehose"]["median"]
     ratio = lambda base: e1 / fig[base]["median"] if fig[base] else None
@@ -482,6 +553,20 @@ def main():
     fig["devices_acknowledged"] = min(x["acknowledged"] for x in md)
     log(f"{fig['devices']} devices: RSS {fmt(fig['devices_rss_mib'], ' MiB', 1)}")
 
+    storm_devices = 200 if q else 10_000
+    sm = [storm(storm_devices, pki) for _ in range(runs)]
+    raw["storm"] = sm
+    fig["storm_devices"] = storm_devices
+    fig["storm_rate"] = summary([x["rate"] for x in sm])
+    fig["storm_failed"] = max(x["failed_devices"] for x in sm)
+    log(f"storm of {storm_devices} mTLS devices: {fmt(fig['storm_rate'], ' handshakes/s')}")
+    mt = [many_devices(200 if q else 10_000, 3 if q else 20, pki=pki) for _ in range(runs)]
+    raw["devices_mtls"] = mt
+    fig["devices_mtls_rss_mib"] = summary([x["hwm_kib"] / 1024 for x in mt])
+    fig["devices_mtls_acknowledged"] = min(x["acknowledged"] for x in mt)
+    log(f"{fig['devices']} mTLS devices: RSS {fmt(fig['devices_mtls_rss_mib'], ' MiB', 1)}")
+    shutil.rmtree(pki, ignore_errors=True)
+
     sizes = {}
     for name, path in [
         (f"x86_64 {os.path.basename(BIN)}", os.path.join(BIN, "edgehose")),
@@ -497,14 +582,67 @@ def main():
     doc = {"machine": machine(), "runs": runs, "quick": q, "binaries": BIN, "figures": fig,
            "raw": raw}
     # Correctness, never speed: every message the devices sent was committed.
-    if fig["qos1_lost"] or fig["qos0_lost"]:
-        print(f"messages lost: QoS 1 {fig['qos1_lost']}, QoS 0 {fig['qos0_lost']}", file=sys.stderr)
+    if fig["qos1_lost"] or fig["qos0_lost"] or fig["mtls_lost"]:
+        print(f"messages lost: QoS 1 {fig['qos1_lost']}, QoS 0 {fig['qos0_lost']}, "
+              f"mTLS {fig['mtls_lost']}", file=sys.stderr)
         sys.exit(1)
     if a.json:
         json.dump(doc, sys.stdout, indent=1)
         print()
         return
     print_table(doc)
+
+
+def main_tls(a):
+    runs = 1 if a.quick else a.runs
+    per = 200 if a.quick else 5000
+    total = 100 * per
+    devices = 200 if a.quick else 10_000
+    log = lambda *x: print(*x, file=sys.stderr, flush=True)
+    pki = make_pki()
+    plain, tls, lost = [], [], 0
+    for r in range(runs):
+        for kind in ("plain", "mtls"):
+            rate, _, hwm, cpu, committed, sent = edgehose_ingest(
+                total, 1, 100, per, pki=pki if kind == "mtls" else None)
+            lost = max(lost, sent - committed)
+            (plain if kind == "plain" else tls).append((rate, cpu, hwm))
+            log(f"ingest qos1 {kind} run {r + 1}: {rate:,.0f} msg/s, {cpu:.2f} s CPU per million, "
+                f"RSS {hwm / 1024:.1f} MiB")
+    sm = []
+    for r in range(runs):
+        sm.append(storm(devices, pki))
+        log(f"storm run {r + 1}: {sm[-1]}")
+    idle_plain, idle_tls = [], []
+    for r in range(runs):
+        idle_plain.append(many_devices(devices, 3 if a.quick else 20))
+        idle_tls.append(many_devices(devices, 3 if a.quick else 20, pki=pki))
+        log(f"idle run {r + 1}: plain {idle_plain[-1]['hwm_kib'] / 1024:.1f} MiB, "
+            f"mTLS {idle_tls[-1]['hwm_kib'] / 1024:.1f} MiB")
+    shutil.rmtree(pki, ignore_errors=True)
+    p, t = summary([x[0] for x in plain]), summary([x[0] for x in tls])
+    m = machine()
+    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, {m['date']}; median [min-max] of {runs} run(s)\n")
+    rows = [
+        ("QoS 1 ingest, 100 clients, plain TCP", fmt(p, " msg/s"), ""),
+        ("  over mutual TLS (TLS 1.3, ECDSA P-256)", fmt(t, " msg/s"),
+         f"= {t['median'] / p['median']:.2f}x plain (>= 0.75x)"),
+        ("  CPU per million, plain / mTLS", f"{fmt(summary([x[1] for x in plain]), '', 2)} / "
+         f"{fmt(summary([x[1] for x in tls]), '', 2)} s", ""),
+        ("  lost (sent - committed, worst run)", f"{lost:.0f}", "0"),
+        (f"mTLS reconnect storm, {devices:,} devices at once", fmt(summary([x["rate"] for x in sm]), " handshakes/s"),
+         f">= 1,500/s ({max(x['failed_devices'] for x in sm)} failed, worst run)"),
+        ("  daemon CPU over the storm", fmt(summary([x["daemon_cpu_s"] for x in sm]), " s", 1), ""),
+        (f"{devices:,} idle devices, peak RSS, plain", fmt(summary([x["hwm_kib"] / 1024 for x in idle_plain]), " MiB", 1), ""),
+        ("  over mutual TLS", fmt(summary([x["hwm_kib"] / 1024 for x in idle_tls]), " MiB", 1),
+         f"<= 64 MiB ({min(x['acknowledged'] for x in idle_tls):,} acked, worst run)"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    v = max(len(r[1]) for r in rows)
+    for name, value, target in rows:
+        print(f"{name:<{w}}  {value:<{v}}  {target}")
+    if lost:
+        sys.exit(1)
 
 
 def fmt(s, unit="", digits=0):
@@ -528,6 +666,8 @@ def print_table(doc):
         ("  mosquitto relay, same load", fmt(f["ingest_qos1_mosquitto"], " msg/s"),
          f"edgehose = {fmt(f['ratio_qos1_vs_mosquitto'], 'x', 2)} (>= 3x)"),
         ("  lost (sent - committed, worst run)", f"{f['qos1_lost']:.0f}", "0"),
+        ("  the same over mutual TLS (TLS 1.3, ECDSA P-256)", fmt(f["ingest_qos1_mtls"], " msg/s"),
+         f"= {fmt(f['ratio_mtls_vs_plain'], 'x', 2)} plain (>= 0.75x)"),
         ("sustained ingest, QoS 0", fmt(f["ingest_qos0_edgehose"], " msg/s"), ">= 400,000"),
         ("  rumqttd relay, QoS 0", fmt(f["ingest_qos0_rumqttd"], " msg/s"), ""),
         ("  mosquitto relay, QoS 0", fmt(f["ingest_qos0_mosquitto"], " msg/s"), ""),
@@ -552,6 +692,10 @@ def print_table(doc):
         (f"{f['devices']:,} devices at 1 msg/s: peak RSS", fmt(f["devices_rss_mib"], " MiB", 1), "report"),
         ("  daemon CPU over the run", fmt(f["devices_cpu_s"], " s", 1),
          f"{f['devices_acknowledged']:,} acked (worst run)"),
+        (f"mTLS reconnect storm, {f['storm_devices']:,} devices at once", fmt(f["storm_rate"], " handshakes/s"),
+         f">= 1,500/s ({f['storm_failed']} devices failed, worst run)"),
+        (f"{f['devices']:,} idle mTLS devices: peak RSS", fmt(f["devices_mtls_rss_mib"], " MiB", 1),
+         f"<= 64 MiB ({f['devices_mtls_acknowledged']:,} acked, worst run)"),
         ("stripped binary size", ", ".join(f"{k} {v} MiB" for k, v in f["stripped_binary_mib"].items()),
          "<= 10 MiB aarch64"),
     ]

@@ -7,11 +7,38 @@ use std::time::Duration;
 
 use edgehose_tests::*;
 
-fn check_config(text: &str) -> (bool, String) {
+/// A directory laid out as a checkout after `./demo.sh`: the shipped policies under config/
+/// and certificates from `edgehose certs` under data/pki (the shipped config's relative paths).
+fn site() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("config/policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    for p in ["device.json", "local.json"] {
+        std::fs::copy(
+            format!("{}/../config/policies/{p}", env!("CARGO_MANIFEST_DIR")),
+            policies.join(p),
+        )
+        .unwrap();
+    }
+    let out = Command::new(bin("edgehose"))
+        .args(["certs", "--dir"])
+        .arg(dir.path().join("data/pki"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+fn check_config(text: &str) -> (bool, String) {
+    let dir = site();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(bin("edgehose"))
+        .current_dir(dir.path())
         .args(["check-config", "--config"])
         .arg(&path)
         .output()
@@ -80,6 +107,16 @@ fn check_config_names_the_key_and_the_problem() {
             "streams.telemetry.destinations[0]",
         ),
         ("[admin]", "[admin]\nport = 1", "admin.port"),
+        (
+            "client_certs = \"required\"",
+            "client_certs = \"maybe\"",
+            "ingress.frontdoor.tls.client_certs",
+        ),
+        (
+            "attach = [\"*\"]",
+            "attach = [\"everyone\"]",
+            "ingress.frontdoor.auth.policies[0].attach",
+        ),
     ];
     let base = shipped_config();
     for (from, to, key) in cases {
@@ -97,6 +134,68 @@ fn check_config_names_the_key_and_the_problem() {
     let (ok, err) = check_config("this is not toml");
     assert!(!ok);
     assert!(!err.is_empty());
+}
+
+#[test]
+fn check_config_names_the_file_and_the_problem_of_what_the_config_points_to() {
+    let base = shipped_config();
+    let cases = [
+        // A policy the gateway cannot honour exactly is refused, naming the statement.
+        (
+            "file = \"config/policies/device.json\"",
+            "file = \"bad.json\"",
+            Some(
+                r#"{"Statement":[{"Effect":"Allow","Action":"iot:Publish","Resource":"*","Condition":{"Bool":{"x":"true"}}}]}"#,
+            ),
+            "bad.json: Statement[0]: Condition is not supported",
+        ),
+        (
+            "file = \"config/policies/device.json\"",
+            "file = \"bad.json\"",
+            Some(
+                r#"{"Statement":[{"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:r:1:topic/${iot:Foo}"}]}"#,
+            ),
+            "${iot:Foo} is not supported",
+        ),
+        (
+            "# password_file = \"data/passwd\"",
+            "password_file = \"bad.passwd\"",
+            Some("alice:plaintext\n"),
+            "bad.passwd: line 1 (\"alice\")",
+        ),
+        (
+            "key = \"data/pki/server.key\"",
+            "key = \"data/pki/missing.key\"",
+            None,
+            "missing.key",
+        ),
+    ];
+    for (from, to, file, says) in cases {
+        assert!(
+            base.contains(from),
+            "the shipped config no longer has {from:?}"
+        );
+        let dir = site();
+        if let Some(body) = file {
+            let name = to.split('"').nth(1).unwrap();
+            std::fs::write(dir.path().join(name), body).unwrap();
+        }
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, base.replacen(from, to, 1)).unwrap();
+        let out = Command::new(bin("edgehose"))
+            .current_dir(dir.path())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{to:?} was accepted");
+        assert!(err.contains(says), "{to:?}: {err}");
+        assert!(
+            !err.contains("plaintext"),
+            "a password reached the output: {err}"
+        );
+    }
 }
 
 #[test]

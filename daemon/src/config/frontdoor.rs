@@ -237,7 +237,7 @@ impl RawAuth {
             if p.attach.is_empty() {
                 return Err(ConfigError::new(
                     key,
-                    "attaches the policy nowhere: use [\"*\"], \"thing:NAME\" or \"certificate:SHA256\"",
+                    "attaches the policy nowhere: use [\"*\"], \"anonymous\", \"thing:NAME\" or \"certificate:SHA256\"",
                 ));
             }
             let attach = p

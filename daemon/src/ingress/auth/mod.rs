@@ -30,6 +30,9 @@ use self::policy::{Action, Decision, Policy, Principal};
 pub enum Target {
     /// Every client.
     All,
+    /// Clients with neither certificate nor credentials (where a listener allows them: the
+    /// loopback listener of the packaged config, for processes on the gateway).
+    Anonymous,
     /// A thing name: a certificate's common name, or a password user's username.
     Thing(String),
     /// A certificate, by SHA-256 fingerprint (lower-case hex).
@@ -38,8 +41,10 @@ pub enum Target {
 
 impl Target {
     pub fn parse(text: &str) -> Result<Self, String> {
-        if text == "*" {
-            return Ok(Target::All);
+        match text {
+            "*" => return Ok(Target::All),
+            "anonymous" => return Ok(Target::Anonymous),
+            _ => {}
         }
         match text.split_once(':') {
             Some(("thing", name)) if !name.is_empty() => Ok(Target::Thing(name.into())),
@@ -56,7 +61,7 @@ impl Target {
                 }
             }
             _ => Err(format!(
-                "{text:?}: attach to \"*\" (every device), \"thing:NAME\" or \"certificate:SHA256\""
+                "{text:?}: attach to \"*\" (every client), \"anonymous\", \"thing:NAME\" or \"certificate:SHA256\""
             )),
         }
     }
@@ -64,6 +69,7 @@ impl Target {
     fn applies(&self, id: &Identity) -> bool {
         match self {
             Target::All => true,
+            Target::Anonymous => id.method == "anonymous",
             Target::Thing(t) => id.principal.thing_name.as_deref() == Some(t.as_str()),
             Target::Certificate(f) => id.fingerprint.as_deref() == Some(f.as_str()),
         }
@@ -270,11 +276,17 @@ impl Auth {
 impl Identity {
     /// An identity outside any listener: `edgehose policy test`.
     pub fn for_test(auth: &Arc<Auth>, principal: Principal, fingerprint: Option<String>) -> Self {
+        // Neither certificate nor thing name: as an anonymous client.
+        let method = if principal.thing_name.is_none() && fingerprint.is_none() {
+            "anonymous"
+        } else {
+            "certificate"
+        };
         Self {
             principal,
             username: None,
             fingerprint,
-            method: "test",
+            method,
             auth: Arc::clone(auth),
             attached: Mutex::new((u64::MAX, None)),
         }

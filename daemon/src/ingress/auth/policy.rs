@@ -46,7 +46,7 @@ impl Action {
         }
     }
 
-    const ALL: [Action; 5] = [
+    pub const ALL: [Action; 5] = [
         Action::Connect,
         Action::Publish,
         Action::RetainPublish,

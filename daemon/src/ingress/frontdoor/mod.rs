@@ -245,6 +245,54 @@ impl FrontDoor {
     }
 }
 
+/// TLS handshakes in progress at once, per listener: a reconnect storm waits its turn (within
+/// the connect timeout) instead of holding thousands of handshakes' state at once. The
+/// handshakes are CPU-bound: more at once would not finish sooner.
+const MAX_HANDSHAKES: usize = 64;
+
+/// One TLS connection: the handshake (its state boxed, freed once done), then the device.
+async fn serve_tls<H: Send + 'static>(
+    tls: Arc<tls::Tls>,
+    handshakes: Arc<Semaphore>,
+    stream: tokio::net::TcpStream,
+    mut peer: connection::Peer,
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    held: H,
+) {
+    let addr = peer.addr;
+    let deadline = peer.deadline;
+    let handshake = Box::pin(async {
+        let _turn = handshakes.acquire().await;
+        tls.accept(stream).await
+    });
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok((stream, cert))) => {
+            peer.certificate = cert;
+            let (rd, wr) = tokio::io::split(stream);
+            connection::serve(rd, wr, peer, shared, shutdown).await;
+        }
+        Ok(Err(e)) => {
+            let reason = match &e {
+                tls::HandshakeError::Revoked { .. } => "revoked",
+                tls::HandshakeError::Failed(_) => "tls_handshake",
+            };
+            metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "connect", "reason" => reason)
+                .increment(1);
+            static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
+            if let Some(suppressed) = LOG.allow() {
+                warn!(peer = ?addr, error = %e, suppressed, "TLS connection refused");
+            }
+        }
+        Err(_) => {
+            metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "connect", "reason" => "tls_handshake_timeout")
+                .increment(1);
+            debug!(peer = ?addr, "no TLS handshake within the connect timeout");
+        }
+    }
+    drop(held);
+}
+
 /// Accepts on one listener until shutdown; returns its connections, still running.
 async fn accept_loop(
     listener: Listener,
@@ -254,6 +302,7 @@ async fn accept_loop(
     mut shutdown: Shutdown,
 ) -> JoinSet<()> {
     let mut connections = JoinSet::new();
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             a = listener.socket.accept() => a,
@@ -286,51 +335,34 @@ async fn accept_loop(
         };
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
-        let tls = listener.tls.clone();
-        let anonymous = listener.anonymous;
-        connections.spawn(async move {
-            let _ = stream.set_nodelay(true);
-            // The TLS handshake and CONNECT together within the connect timeout: a slow or
-            // silent client cannot hold its slot longer than that.
-            let deadline = tokio::time::Instant::now() + shared.connect_timeout;
-            let peer = |certificate| connection::Peer {
-                addr: Some(addr),
-                certificate,
-                anonymous,
-                deadline,
-            };
-            match tls {
-                None => {
-                    let (rd, wr) = stream.into_split();
-                    connection::serve(rd, wr, peer(None), shared, shutdown).await;
-                }
-                Some(tls) => {
-                    match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-                        Ok(Ok((stream, cert))) => {
-                            let (rd, wr) = tokio::io::split(stream);
-                            connection::serve(rd, wr, peer(cert), shared, shutdown).await;
-                        }
-                        Ok(Err(e)) => {
-                            let reason = match &e {
-                                tls::HandshakeError::Revoked { .. } => "revoked",
-                                tls::HandshakeError::Failed(_) => "tls_handshake",
-                            };
-                            metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "connect", "reason" => reason).increment(1);
-                            static LOG: crate::ratelimit::LogLimit = crate::ratelimit::LogLimit::new();
-                            if let Some(suppressed) = LOG.allow() {
-                                warn!(peer = %addr, error = %e, suppressed, "TLS connection refused");
-                            }
-                        }
-                        Err(_) => {
-                            metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "connect", "reason" => "tls_handshake_timeout").increment(1);
-                            debug!(peer = %addr, "no TLS handshake within the connect timeout");
-                        }
-                    }
-                }
-            }
-            drop(slot);
-            drop(permit);
-        });
+        let _ = stream.set_nodelay(true);
+        // The TLS handshake and CONNECT together within the connect timeout: a slow or silent
+        // client cannot hold its slot longer than that.
+        let peer = connection::Peer {
+            addr: Some(addr),
+            certificate: None,
+            anonymous: listener.anonymous,
+            deadline: tokio::time::Instant::now() + shared.connect_timeout,
+        };
+        let held = (slot, permit);
+        // One task type per kind of listener, each no bigger than its own path needs (10,000
+        // idle devices are 10,000 of them).
+        match &listener.tls {
+            None => connections.spawn(async move {
+                let (rd, wr) = stream.into_split();
+                connection::serve(rd, wr, peer, shared, shutdown).await;
+                drop(held);
+            }),
+            Some(tls) => connections.spawn(serve_tls(
+                Arc::clone(tls),
+                Arc::clone(&handshakes),
+                stream,
+                peer,
+                shared,
+                shutdown,
+                held,
+            )),
+        };
     }
     drop(listener);
     connections
