@@ -7,8 +7,8 @@
 #   GLIBC=2.31 cross/build.sh           link against glibc 2.31 (Debian 11 / Raspberry Pi OS
 #                                       Bullseye) with cargo-zigbuild and zig from PyPI
 #
-#   EDGEHOSE_FEATURES=default cross/build.sh   include the embedded rumqttd (`ingress.mode =
-#                                       "broker"`, a benchmark baseline); left out by default
+#   EDGEHOSE_FEATURES=broker cross/build.sh    include the embedded rumqttd (`ingress.mode =
+#                                       "broker"`, a benchmark baseline; not a default feature)
 #
 # Output: target/<TARGET>/dist/{edgehose,firmware-sim}; sizes are printed.
 set -euo pipefail
@@ -45,7 +45,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 rustup target add "${targets[@]}" >/dev/null
 # The Pi build leaves out the embedded rumqttd unless asked for.
-if [ "${EDGEHOSE_FEATURES:-}" = default ]; then features=""; else features="--no-default-features --features aws"; fi
+if [ "${EDGEHOSE_FEATURES:-}" = broker ]; then features="--features broker"; else features=""; fi
 
 if [ -n "${GLIBC:-}" ]; then
     venv=target/zig-venv
