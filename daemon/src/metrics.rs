@@ -9,6 +9,7 @@ pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
 pub const SUBSCRIPTIONS_REFUSED: &str = "edgehose_subscriptions_refused_total";
 pub const AUTH_REFUSED: &str = "edgehose_auth_refused_total";
+pub const RATE_LIMITED: &str = "edgehose_connection_rate_limited_total";
 pub const PARTIAL_BUDGET_WAITS: &str = "edgehose_partial_packet_budget_waits_total";
 pub const RETAINED_REFUSED: &str = "edgehose_retained_refused_total";
 pub const SESSIONS_EXPIRED: &str = "edgehose_sessions_expired_total";
@@ -47,6 +48,10 @@ pub fn describe() {
     );
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
     describe_counter!(CONNECTIONS, "MQTT connections accepted by the front door");
+    describe_counter!(
+        RATE_LIMITED,
+        "Times a connection sent faster than ingress.frontdoor.max_bytes_per_second and was not read until its rate allowed"
+    );
     describe_counter!(
         AUTH_REFUSED,
         "Requests the front door refused, by action (accept, connect, publish, retain_publish, subscribe, receive) and reason (not_authorized, bad_credentials, tls_handshake, tls_handshake_timeout, revoked, per_address_limit)"

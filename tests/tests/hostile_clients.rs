@@ -187,3 +187,57 @@ fn half_sent_packets_share_one_budget_and_well_behaved_devices_carry_on() {
         }
     }
 }
+
+#[test]
+fn a_client_flooding_its_socket_is_paced_and_others_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        frontdoor: "max_bytes_per_second = \"1MiB\"",
+        ..Setup::default()
+    };
+    let gw = Gateway::start(dir.path(), &setup).unwrap();
+    // 100 KB QoS 0 messages (valid JSON) as fast as the socket takes them, for 3 s.
+    let port = gw.mqtt_port;
+    let flood = std::thread::spawn(move || {
+        let mut s = connected(port, b"flood");
+        let topic = b"sensors/flood/telemetry";
+        let payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(100_000));
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend(topic);
+        body.extend(payload.as_bytes());
+        let mut packet = vec![0x30];
+        packet.extend(remaining_length(body.len()));
+        packet.extend(body);
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let start = Instant::now();
+        let mut written = 0usize;
+        while start.elapsed() < Duration::from_secs(3) {
+            s.write_all(&packet)
+                .expect("the gateway keeps reading, paced");
+            written += packet.len();
+        }
+        (written, start.elapsed())
+    });
+    // A well-behaved device publishes meanwhile.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let good: Vec<_> = (0..50)
+        .map(|i| ("sensors/good/telemetry".to_string(), telemetry("good", i)))
+        .collect();
+    let acked = rt.block_on(publish(port, "good", good));
+    assert_eq!(acked, 50);
+    let (written, took) = flood.join().unwrap();
+    // What the gateway took from the flood: at most the rate for the time, plus one second's
+    // burst (and what sits in socket buffers does not count: it was not read).
+    let received = gw.metric("edgehose_messages_received_total") - 50.0;
+    let taken = received * 100_000.0;
+    let allowed = (took.as_secs_f64() + 1.5) * 1024.0 * 1024.0;
+    assert!(
+        taken <= allowed,
+        "took {taken} bytes in {took:?}, allowed {allowed}"
+    );
+    assert!(gw.metric("edgehose_connection_rate_limited_total") >= 1.0);
+    assert!(
+        written as f64 > taken,
+        "the flood was not held back ({written} written)"
+    );
+}

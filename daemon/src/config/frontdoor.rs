@@ -25,6 +25,7 @@ pub(super) struct RawFrontDoor {
     #[serde(default, with = "humantime_serde")]
     packet_timeout: Option<Duration>,
     partial_packet_budget: Option<ByteSize>,
+    max_bytes_per_second: Option<ByteSize>,
     tls: Option<RawTls>,
     #[serde(default)]
     auth: RawAuth,
@@ -80,6 +81,9 @@ pub struct FrontDoorConfig {
     /// Bytes all connections together may hold in packets still arriving (beyond a small
     /// allowance each); a connection that would pass it stops reading until room frees.
     pub partial_packet_budget: u64,
+    /// Bytes per second one connection may send; past it the connection is not read until its
+    /// rate allows (0: no limit).
+    pub max_bytes_per_second: u64,
     pub tls: Option<TlsConfig>,
     pub auth: AuthConfig,
 }
@@ -165,6 +169,9 @@ impl RawFrontDoor {
                 .partial_packet_budget
                 .map_or(64 << 20, |b| b.as_u64())
                 .max(1 << 20),
+            // Generous for telemetry (IoT Core allows 512 KiB/s per connection), well below
+            // what one client flooding its socket reaches over a LAN.
+            max_bytes_per_second: self.max_bytes_per_second.map_or(8 << 20, |b| b.as_u64()),
             tls,
             auth,
         })

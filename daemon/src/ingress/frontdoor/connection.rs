@@ -374,6 +374,10 @@ impl Connection {
         let mut partial_since: Option<Instant> = None;
         // KiB of the shared budget held for that packet, and how many more it waits for.
         let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        // The connection's inbound byte rate, and when it may be read again once over it.
+        let mut rate =
+            super::limits::ByteRate::new(self.shared.max_bytes_per_second, Instant::now());
+        let mut paused_until: Option<Instant> = None;
         loop {
             // Handle every whole packet already read, while the window has room.
             while self.inflight < window {
@@ -449,7 +453,7 @@ impl Connection {
                     }
                 }
             }
-            let reading = self.inflight < window && starved == 0;
+            let reading = self.inflight < window && starved == 0 && paused_until.is_none();
             tokio::select! {
                 biased;
                 _ = taken_over.notified() => {
@@ -466,8 +470,22 @@ impl Connection {
                 _ = opened.notify.notified() => self.send_queued(outbuf, &opened.notify),
                 r = read_some(rd, inbuf, &mut read_size), if reading => match r {
                     Ok(0) | Err(_) => return End::Abnormal("connection closed without DISCONNECT"),
-                    Ok(_) => deadline = Instant::now() + grace,
+                    Ok(n) => {
+                        let now = Instant::now();
+                        deadline = now + grace;
+                        if let Some(r) = rate.as_mut() {
+                            paused_until = r.take(n, now);
+                            if paused_until.is_some() {
+                                metrics::counter!(m::RATE_LIMITED).increment(1);
+                            }
+                        }
+                    }
                 },
+                _ = tokio::time::sleep_until(paused_until.unwrap_or(deadline)), if paused_until.is_some() => {
+                    paused_until = None;
+                    // The pause is the server's doing: it does not count against the keep-alive.
+                    deadline = Instant::now() + grace;
+                }
                 p = Arc::clone(&self.shared.partial_budget).acquire_many_owned(starved), if starved > 0 => {
                     if let Ok(p) = p {
                         match &mut held {

@@ -81,9 +81,60 @@ impl PerAddress {
     }
 }
 
+/// A connection's inbound byte rate: a token bucket holding at most one second of the rate.
+/// Past it the connection is not read until the bucket refills, so one client flooding its
+/// socket (huge messages as fast as the socket takes them) slows itself, not the others (TCP
+/// backpressure, as with a full receive window).
+#[derive(Debug)]
+pub struct ByteRate {
+    rate: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl ByteRate {
+    /// `bytes_per_second` = 0: no limit.
+    pub fn new(bytes_per_second: u64, now: tokio::time::Instant) -> Option<Self> {
+        (bytes_per_second > 0).then(|| Self {
+            rate: bytes_per_second as f64,
+            tokens: bytes_per_second as f64,
+            at: now,
+        })
+    }
+
+    /// Takes `n` bytes just read; returns when the connection may be read again (None: now).
+    pub fn take(&mut self, n: usize, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate) - n as f64;
+        (self.tokens < 0.0)
+            .then(|| now + std::time::Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_byte_rate_lets_a_second_through_then_paces() {
+        use std::time::Duration;
+        let t0 = tokio::time::Instant::now();
+        assert!(ByteRate::new(0, t0).is_none());
+        let mut r = ByteRate::new(1000, t0).unwrap();
+        assert_eq!(r.take(600, t0), None);
+        assert_eq!(r.take(400, t0), None);
+        // 500 over: half a second before the next read.
+        let wait = r.take(500, t0).unwrap();
+        assert_eq!(wait - t0, Duration::from_millis(500));
+        // A second later the bucket holds 500 (refilled 1000 from -500).
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(r.take(500, t1), None);
+        // It never holds more than a second's worth.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!(r.take(1000, t2), None);
+        assert!(r.take(1, t2).is_some());
+    }
 
     #[test]
     fn an_address_gets_max_slots_and_gets_them_back() {

@@ -48,6 +48,8 @@ pub struct Shared {
     pub sessions: Sessions,
     pub pubsub: Arc<pubsub::PubSub>,
     pub auth: Arc<Auth>,
+    /// Bytes per second one connection may send (0: no limit).
+    pub max_bytes_per_second: u64,
 }
 
 /// Live connections by client id. Registering an id that is live tells the older connection
@@ -187,6 +189,7 @@ impl FrontDoor {
                 sessions: Sessions::default(),
                 pubsub,
                 auth,
+                max_bytes_per_second: cfg.max_bytes_per_second,
             }),
         })
     }
