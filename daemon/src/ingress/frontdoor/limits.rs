@@ -95,7 +95,7 @@ pub struct ByteRate {
 impl ByteRate {
     /// `bytes_per_second` = 0: no limit.
     pub fn new(bytes_per_second: u64, now: tokio::time::Instant) -> Option<Self> {
-        (bytes_per_second > 0).then(|| Self {
+        (bytes_per_second > 0).then_some(Self {
             rate: bytes_per_second as f64,
             tokens: bytes_per_second as f64,
             at: now,
