@@ -125,9 +125,17 @@ fn policy_test(
         }
         None => (None, None),
     };
+    // The thing a certificate is attached to (`tls.things`), else its common name.
+    let attached = match (
+        &fingerprint,
+        door.tls.as_ref().and_then(|t| t.things.as_ref()),
+    ) {
+        (Some(fp), Some(path)) => edgehose::ingress::frontdoor::tls::read_things(path)?.remove(fp),
+        _ => None,
+    };
     let who = policy::Principal {
         client_id: client_id.clone(),
-        thing_name: common_name.clone().or(thing),
+        thing_name: attached.or_else(|| common_name.clone()).or(thing),
         common_name,
     };
     let loaded = auth::Auth::load(door.auth.clone())?;

@@ -114,6 +114,21 @@ impl Site {
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(pki.join("revoked-c.txt"), only_c).unwrap();
+        // A certificate whose common name is not its thing (as AWS-made IoT Core certificates
+        // are): attached to thing sensor-9 in the things file.
+        certs(&pki, &["--device", "aws-made"]);
+        let der = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(pki.join("devices/aws-made.crt"))
+            .output()
+            .unwrap();
+        let fp = String::from_utf8_lossy(&der.stdout)
+            .split('=')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string();
+        std::fs::write(pki.join("things.txt"), format!("{fp} sensor-9\n")).unwrap();
         // Another CA's device with a trusted device's name.
         certs(&d.join("stranger"), &["--device", "dev-a"]);
         ok(Command::new("mosquitto_passwd")
@@ -141,7 +156,8 @@ impl Site {
              client_ca = \"{pki}/ca.crt\"\n\
              client_certs = \"optional\"\n\
              crl = [\"{pki}/crl-d.pem\"]\n\
-             revoked = \"{pki}/revoked-c.txt\"\n",
+             revoked = \"{pki}/revoked-c.txt\"\n\
+             things = \"{pki}/things.txt\"\n",
             passwd = d.join("passwd").display(),
             policy = d.join("device.json").display(),
             operator = d.join("operator.json").display(),
@@ -621,4 +637,45 @@ fn garbage_stalled_handshakes_and_a_thousand_idle_tls_connections_do_not_stop_go
     );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(site.committed(), 2.0);
+}
+
+#[test]
+fn a_certificate_attached_to_a_thing_acts_as_that_thing() {
+    let site = Site::start();
+    // Its thing is sensor-9 (things.txt), not its common name.
+    let o = site.publish(
+        "mqttv5",
+        Some("aws-made"),
+        "sensor-9",
+        "sensors/sensor-9/telemetry",
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(site.committed(), 1.0);
+    let o = site.publish(
+        "mqttv5",
+        Some("aws-made"),
+        "aws-made",
+        "sensors/aws-made/telemetry",
+        &[],
+    );
+    assert!(
+        !o.status.success(),
+        "connected as its common name: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).to_lowercase().contains("not authorized"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(bin("edgehose"))
+        .args(["policy", "test", "--config"])
+        .arg(&site.gw.config_path)
+        .arg("--cert")
+        .arg(site.pki.join("devices/aws-made.crt"))
+        .args(["--client-id", "sensor-9", "connect"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }

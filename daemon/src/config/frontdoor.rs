@@ -42,6 +42,7 @@ struct RawTls {
     #[serde(default)]
     crl: Vec<PathBuf>,
     revoked: Option<PathBuf>,
+    things: Option<PathBuf>,
     anonymous: Option<bool>,
 }
 
@@ -115,6 +116,9 @@ pub struct TlsConfig {
     pub crl: Vec<PathBuf>,
     /// A deny list: SHA-256 fingerprints of revoked device certificates, one per line.
     pub revoked: Option<PathBuf>,
+    /// Certificates attached to things (`FINGERPRINT THING` per line); an unlisted
+    /// certificate's thing is its subject common name.
+    pub things: Option<PathBuf>,
     /// Whether clients with neither certificate nor credentials may connect.
     pub anonymous: bool,
 }
@@ -231,6 +235,7 @@ impl RawTls {
             client_certs,
             crl: self.crl,
             revoked: self.revoked,
+            things: self.things,
             anonymous: self.anonymous.unwrap_or(false),
         })
     }

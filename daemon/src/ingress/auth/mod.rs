@@ -149,6 +149,8 @@ pub enum Authenticated {
 pub struct PeerCertificate {
     pub common_name: Option<String>,
     pub fingerprint: String,
+    /// The thing the certificate is attached to in `tls.things`, if listed there.
+    pub thing_name: Option<String>,
 }
 
 /// A connected device: who it is, and its policies.
@@ -251,9 +253,15 @@ impl Auth {
                 ),
             };
         let common_name = certificate.and_then(|c| c.common_name.clone());
+        // The thing: the one the certificate is attached to (`tls.things`), else its common
+        // name, else the password user's name.
+        let thing_name = certificate
+            .and_then(|c| c.thing_name.clone())
+            .or_else(|| common_name.clone())
+            .or_else(|| username.clone());
         let principal = Principal {
             client_id: client_id.to_string(),
-            thing_name: common_name.clone().or_else(|| username.clone()),
+            thing_name,
             common_name,
         };
         let id = Identity {

@@ -1,10 +1,11 @@
 //! The TLS listener's side of a connection: rustls (ring provider, TLS 1.2 and 1.3, the stack
 //! the AWS SDK already brings) with the server's certificate, and, for mutual TLS, device
 //! certificates verified against the client CA and its CRLs; then a deny list of certificate
-//! fingerprints. Everything is read from files at start and again on SIGHUP; a handshake uses
+//! fingerprints, and the things certificates are attached to (else a certificate's thing is its
+//! common name). Everything is read from files at start and again on SIGHUP; a handshake uses
 //! what was loaded when it began, so a reload never touches an open connection.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -23,6 +24,8 @@ use crate::ingress::auth::{x509, PeerCertificate};
 struct Loaded {
     acceptor: tokio_rustls::TlsAcceptor,
     revoked: HashSet<String>,
+    /// Certificate fingerprint -> the thing it is attached to.
+    things: HashMap<String, String>,
 }
 
 /// The TLS listener's certificates and trust, reloadable.
@@ -89,6 +92,40 @@ pub fn read_revoked(path: &Path) -> anyhow::Result<HashSet<String>> {
     Ok(out)
 }
 
+/// Reads the certificate-to-thing attachments: `FINGERPRINT THING` per line (SHA-256 hex, colons
+/// allowed, `#` comments), as IoT Core attaches a certificate to a thing.
+pub fn read_things(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the things file {}", path.display()))?;
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), n + 1);
+        let (fp, thing) = line
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| anyhow::anyhow!("{}: expected FINGERPRINT THING", at()))?;
+        let fp: String = fp
+            .chars()
+            .filter(|c| *c != ':')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let thing = thing.trim();
+        if fp.len() != 64 || !fp.chars().all(|c| c.is_ascii_hexdigit()) {
+            anyhow::bail!("{}: not a SHA-256 fingerprint (64 hex digits)", at());
+        }
+        if thing.is_empty() || thing.len() > 128 || thing.contains(['+', '#', '/']) {
+            anyhow::bail!("{}: {thing:?} cannot be a thing name", at());
+        }
+        if out.insert(fp, thing.to_string()).is_some() {
+            anyhow::bail!("{}: the certificate is attached twice", at());
+        }
+    }
+    Ok(out)
+}
+
 fn load(cfg: &TlsConfig) -> anyhow::Result<Loaded> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs(&cfg.cert)?;
@@ -140,9 +177,14 @@ fn load(cfg: &TlsConfig) -> anyhow::Result<Loaded> {
         Some(p) => read_revoked(p)?,
         None => HashSet::new(),
     };
+    let things = match &cfg.things {
+        Some(p) => read_things(p)?,
+        None => HashMap::new(),
+    };
     Ok(Loaded {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
         revoked,
+        things,
     })
 }
 
@@ -187,9 +229,13 @@ impl Tls {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(|leaf| PeerCertificate {
-                common_name: x509::subject_common_name(leaf),
-                fingerprint: x509::fingerprint(leaf),
+            .map(|leaf| {
+                let fingerprint = x509::fingerprint(leaf);
+                PeerCertificate {
+                    common_name: x509::subject_common_name(leaf),
+                    thing_name: loaded.things.get(&fingerprint).cloned(),
+                    fingerprint,
+                }
             });
         if let Some(p) = &peer {
             if loaded.revoked.contains(&p.fingerprint) {
@@ -199,5 +245,40 @@ impl Tls {
             }
         }
         Ok((tls, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn things_files_attach_certificates_and_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("things.txt");
+        let fp = "ab".repeat(32);
+        std::fs::write(
+            &p,
+            format!(
+                "# attachments\n{}  sensor-9  # AWS-made\n",
+                fp.to_uppercase()
+            ),
+        )
+        .unwrap();
+        let t = read_things(&p).unwrap();
+        assert_eq!(t.get(&fp).map(String::as_str), Some("sensor-9"));
+        for (body, says) in [
+            ("abc sensor", "line 1: not a SHA-256"),
+            (&format!("{fp}"), "expected FINGERPRINT THING"),
+            (&format!("{fp} a/b"), "cannot be a thing name"),
+            (
+                &format!("{fp} a\n{fp} b"),
+                "line 2: the certificate is attached twice",
+            ),
+        ] {
+            std::fs::write(&p, body).unwrap();
+            let e = read_things(&p).unwrap_err().to_string();
+            assert!(e.contains(says), "{body}: {e}");
+        }
     }
 }
