@@ -269,7 +269,7 @@ mod tests {
         assert_eq!(t.get(&fp).map(String::as_str), Some("sensor-9"));
         for (body, says) in [
             ("abc sensor", "line 1: not a SHA-256"),
-            (&format!("{fp}"), "expected FINGERPRINT THING"),
+            (&fp.clone(), "expected FINGERPRINT THING"),
             (&format!("{fp} a/b"), "cannot be a thing name"),
             (
                 &format!("{fp} a\n{fp} b"),
