@@ -260,6 +260,7 @@ pub async fn serve<R, W>(
         next_pkid: 0,
         wake_queue: false,
         identity,
+        open_generation: None,
         allowed: Vec::new(),
     };
     let end = c
@@ -344,6 +345,8 @@ struct Connection {
     /// A PUBACK freed room in the window: look at the session's queue again.
     wake_queue: bool,
     identity: Identity,
+    /// The policy generation at which no policy was configured, if that is the current one.
+    open_generation: Option<u64>,
     /// Topics this device was last allowed to publish to, with the policy generation of the
     /// answer (a device publishes to a few topics: the policy is evaluated once for each).
     allowed: Vec<(Bytes, bool, u64)>,
@@ -573,6 +576,9 @@ impl Connection {
     /// retained message)? Refusals are counted and logged (rate-limited).
     fn may_publish(&mut self, topic: &[u8], retain: bool) -> bool {
         let generation = self.identity.generation();
+        if self.unchecked(generation) {
+            return true;
+        }
         // Only plain publishes are remembered (a retained one needs a second action).
         if let Some(&(_, ok, _)) = self
             .allowed
@@ -604,13 +610,29 @@ impl Connection {
         ok
     }
 
-    fn may_receive(&self, topic: &[u8]) -> bool {
+    fn may_receive(&mut self, topic: &[u8]) -> bool {
+        if self.unchecked(self.identity.generation()) {
+            return true;
+        }
         let name = String::from_utf8_lossy(topic);
         let d = self.identity.check(Action::Receive, &name);
         if !d.allowed {
             self.refused("receive", &name, &d.reason);
         }
         d.allowed
+    }
+
+    /// True when no policy is configured as of `generation` (remembered per generation, so
+    /// that a gateway without policies costs a connection nothing per message).
+    fn unchecked(&mut self, generation: u64) -> bool {
+        if self.open_generation == Some(generation) {
+            return true;
+        }
+        if self.identity.enforced() {
+            return false;
+        }
+        self.open_generation = Some(generation);
+        true
     }
 
     fn refused(&self, action: &'static str, name: &str, why: &str) {
