@@ -102,6 +102,12 @@ impl Aggregator {
         self.record.partition_key_table.first().map(String::as_str)
     }
 
+    /// What `encode().len()` is, computed without encoding (prost's exact length).
+    pub fn encoded_len(&self) -> usize {
+        use prost::Message;
+        OVERHEAD + self.record.encoded_len()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         use prost::Message;
         let body = self.record.encode_to_vec();
