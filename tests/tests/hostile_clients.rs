@@ -241,3 +241,43 @@ fn a_client_flooding_its_socket_is_paced_and_others_carry_on() {
         "the flood was not held back ({written} written)"
     );
 }
+
+#[test]
+fn one_address_gets_at_most_its_share_of_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        frontdoor: "max_connections_per_address = 2\nlimit_loopback = true",
+        ..Setup::default()
+    };
+    let gw = Gateway::start(dir.path(), &setup).unwrap();
+    let _a = connected(gw.mqtt_port, b"a");
+    let b = connected(gw.mqtt_port, b"b");
+    // The third from 127.0.0.1 is closed at once, without a CONNACK.
+    let mut c = TcpStream::connect(("127.0.0.1", gw.mqtt_port)).unwrap();
+    let _ = c.write_all(&connect_packet(b"c"));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(
+        c.read(&mut buf).unwrap_or(0),
+        0,
+        "a third connection was served"
+    );
+    assert_eq!(
+        gw.metric("edgehose_auth_refused_total{action=\"accept\",reason=\"per_address_limit\"}"),
+        1.0
+    );
+    // A slot comes back when a connection ends.
+    drop(b);
+    wait_until(Duration::from_secs(10), "the slot to come back", || {
+        TcpStream::connect(("127.0.0.1", gw.mqtt_port))
+            .and_then(|mut s| {
+                s.write_all(&connect_packet(b"d"))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut connack = [0u8; 4];
+                s.read_exact(&mut connack)?;
+                Ok(connack[0] == 0x20)
+            })
+            .unwrap_or(false)
+    })
+    .unwrap();
+}
