@@ -242,7 +242,13 @@ fn revoke(
     ids: &[String],
 ) -> anyhow::Result<Vec<String>> {
     let list = dir.join("revoked.txt");
-    let mut text = std::fs::read_to_string(&list).unwrap_or_default();
+    // A missing list is an empty one; an unreadable one is an error (rewriting it would drop
+    // every revocation in it).
+    let mut text = match std::fs::read_to_string(&list) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", list.display())),
+    };
     let mut said = Vec::new();
     let der_of = |id: &str| -> anyhow::Result<Vec<u8>> {
         let path = dir.join("devices").join(format!("{id}.crt"));
@@ -265,16 +271,18 @@ fn revoke(
         let Some((_, id)) = line.split_once("# ") else {
             continue;
         };
-        if let Ok(der) = der_of(id.trim()) {
-            if let Some(serial) = x509::serial(&der) {
-                revoked.push(RevokedCertParams {
-                    serial_number: SerialNumber::from(serial),
-                    revocation_time: time::OffsetDateTime::now_utc(),
-                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                    invalidity_date: None,
-                });
-            }
-        }
+        // A revoked certificate that cannot be read cannot be listed: say so rather than write
+        // a CRL that silently lets it back in.
+        let id = id.trim();
+        let serial = x509::serial(&der_of(id)?).ok_or_else(|| {
+            anyhow::anyhow!("devices/{id}.crt: no serial number, cannot put it in the CRL")
+        })?;
+        revoked.push(RevokedCertParams {
+            serial_number: SerialNumber::from(serial),
+            revocation_time: time::OffsetDateTime::now_utc(),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
     }
     let now = time::OffsetDateTime::now_utc();
     let crl = CertificateRevocationListParams {

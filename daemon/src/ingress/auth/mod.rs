@@ -48,18 +48,11 @@ impl Target {
         }
         match text.split_once(':') {
             Some(("thing", name)) if !name.is_empty() => Ok(Target::Thing(name.into())),
-            Some(("certificate", fp)) => {
-                let fp: String = fp
-                    .chars()
-                    .filter(|c| *c != ':')
-                    .collect::<String>()
-                    .to_ascii_lowercase();
-                if fp.len() == 64 && fp.chars().all(|c| c.is_ascii_hexdigit()) {
-                    Ok(Target::Certificate(fp))
-                } else {
-                    Err(format!("{text:?}: a certificate is named by its SHA-256 fingerprint (64 hex digits)"))
-                }
-            }
+            Some(("certificate", fp)) => x509::parse_fingerprint(fp)
+                .map(Target::Certificate)
+                .ok_or_else(|| {
+                    format!("{text:?}: a certificate is named by its SHA-256 fingerprint (64 hex digits)")
+                }),
             _ => Err(format!(
                 "{text:?}: attach to \"*\" (every client), \"anonymous\", \"thing:NAME\" or \"certificate:SHA256\""
             )),

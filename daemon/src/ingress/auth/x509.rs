@@ -11,6 +11,17 @@ pub fn fingerprint(der: &[u8]) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A SHA-256 fingerprint as people write it (hex, any case, colons allowed), in the form
+/// [`fingerprint`] gives; None when it is not one.
+pub fn parse_fingerprint(text: &str) -> Option<String> {
+    let fp: String = text
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    (fp.len() == 64 && fp.chars().all(|c| c.is_ascii_hexdigit())).then_some(fp)
+}
+
 /// One DER element: (tag, contents, rest).
 fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;

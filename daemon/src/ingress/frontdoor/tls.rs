@@ -75,18 +75,13 @@ pub fn read_revoked(path: &Path) -> anyhow::Result<HashSet<String>> {
         if line.is_empty() {
             continue;
         }
-        let fp: String = line
-            .chars()
-            .filter(|c| *c != ':')
-            .collect::<String>()
-            .to_ascii_lowercase();
-        if fp.len() != 64 || !fp.chars().all(|c| c.is_ascii_hexdigit()) {
-            anyhow::bail!(
+        let fp = x509::parse_fingerprint(line).ok_or_else(|| {
+            anyhow::anyhow!(
                 "{} line {}: not a SHA-256 fingerprint (64 hex digits)",
                 path.display(),
                 n + 1
-            );
-        }
+            )
+        })?;
         out.insert(fp);
     }
     Ok(out)
@@ -107,15 +102,10 @@ pub fn read_things(path: &Path) -> anyhow::Result<HashMap<String, String>> {
         let (fp, thing) = line
             .split_once(char::is_whitespace)
             .ok_or_else(|| anyhow::anyhow!("{}: expected FINGERPRINT THING", at()))?;
-        let fp: String = fp
-            .chars()
-            .filter(|c| *c != ':')
-            .collect::<String>()
-            .to_ascii_lowercase();
+        let fp = x509::parse_fingerprint(fp).ok_or_else(|| {
+            anyhow::anyhow!("{}: not a SHA-256 fingerprint (64 hex digits)", at())
+        })?;
         let thing = thing.trim();
-        if fp.len() != 64 || !fp.chars().all(|c| c.is_ascii_hexdigit()) {
-            anyhow::bail!("{}: not a SHA-256 fingerprint (64 hex digits)", at());
-        }
         if thing.is_empty() || thing.len() > 128 || thing.contains(['+', '#', '/']) {
             anyhow::bail!("{}: {thing:?} cannot be a thing name", at());
         }
