@@ -207,6 +207,12 @@ pub async fn device(
     let mut failures = 0u32;
     let deadline = start + Duration::from_secs(args.timeout_secs);
     let mut rng = SmallRng::seed_from_u64(spec.n as u64);
+    // What was sent but not acknowledged, or queued, when the connection dropped. rumqttc 0.25
+    // discards it when the server answers CONNACK without a session (always, with a clean
+    // session) and loses a publish parked on a packet-id collision
+    // (bytebeamio/rumqtt#1056), so the device keeps it here and hands it back after CONNACK,
+    // as a firmware that resends what was not acknowledged does.
+    let mut unacknowledged: Vec<rumqttc::Request> = Vec::new();
     loop {
         let done = outgoing >= total && (qos == QoS::AtMostOnce || acked >= total);
         if done {
@@ -217,6 +223,7 @@ pub async fn device(
             .with_context(|| format!("{id}: timed out"))?;
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                eventloop.pending.extend(unacknowledged.drain(..));
                 if failures > 0 {
                     counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
@@ -240,6 +247,14 @@ pub async fn device(
             Err(e) => {
                 // Offline: rumqttc keeps what it has not sent and resends what was not
                 // acknowledged once it reconnects. Back off, with jitter, and try again.
+                unacknowledged.extend(
+                    eventloop
+                        .state
+                        .collision
+                        .take()
+                        .map(rumqttc::Request::Publish),
+                );
+                unacknowledged.extend(eventloop.pending.drain(..));
                 failures += 1;
                 if args.max_reconnects > 0 && failures > args.max_reconnects {
                     return Err(e).with_context(|| format!("{id}: gave up reconnecting"));

@@ -3,6 +3,7 @@
 //! every device; the readings come from the drivers over the simulated bus.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use edgehose_tests::*;
 
@@ -108,4 +109,43 @@ fn devices_ride_out_a_gateway_restart_and_lose_nothing() {
         .filter(|k| !seen.contains(k))
         .count();
     assert_eq!(missing, 0, "messages lost across the restart");
+}
+
+#[test]
+fn devices_killed_mid_flight_resend_everything_unacknowledged() {
+    // The same, but the kill lands while every device publishes flat out, so each has up to
+    // 100 messages sent and unacknowledged (and more queued) at that moment: all of them must
+    // be resent after the restart and acknowledged, none forgotten by the client.
+    const DEVICES: usize = 10;
+    const PER_DEVICE: u64 = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &Setup::default()).unwrap();
+    let port = gw.mqtt_port;
+    let sim = std::thread::spawn(move || {
+        run_sim(
+            port,
+            &[
+                "--devices",
+                &DEVICES.to_string(),
+                "--messages",
+                &PER_DEVICE.to_string(),
+                "--rate",
+                "0",
+                "--timeout-secs",
+                "120",
+            ],
+        )
+    });
+    wait_until(Duration::from_secs(60), "a third committed", || {
+        gw.metric("edgehose_records_committed_total") >= (DEVICES as u64 * PER_DEVICE / 3) as f64
+    })
+    .unwrap();
+    gw.kill9().unwrap();
+    gw.spawn().unwrap();
+    let summary = sim.join().unwrap().unwrap();
+    assert_eq!(summary["failed_devices"], 0, "{summary}");
+    assert!(gw.terminate().unwrap().success());
+    let seqs = device_seqs(&read_objects(&gw.bucket_dir()).unwrap());
+    let t = tally(&seqs, DEVICES, PER_DEVICE, "dev");
+    assert_eq!(t.missing, 0, "messages lost across the restart: {t:?}");
 }
