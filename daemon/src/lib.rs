@@ -24,6 +24,7 @@ pub mod templates;
 
 pub mod ingress;
 pub mod routing;
+pub mod rules;
 
 pub mod buffer;
 

@@ -1,0 +1,327 @@
+//! Rule SQL against IoT Core's documented behaviour: the examples of its SQL reference (SELECT
+//! clause, JSON extensions, literals, operators, functions, data types and conversions).
+
+use serde_json::{json, Value as Json};
+
+use super::*;
+
+const CTX: Context = Context {
+    topic: "sensors/dev-7/telemetry",
+    client_id: Some("dev-7"),
+    timestamp_ms: 1_700_000_000_123,
+};
+
+/// Applies `sql` to `payload` and returns the JSON selected (None if dropped; panics on
+/// failure).
+fn run(sql: &str, payload: &str) -> Option<Json> {
+    match Rule::parse(sql).unwrap().apply(payload.as_bytes(), &CTX) {
+        Applied::Selected(Some(out)) => Some(serde_json::from_slice(&out).unwrap()),
+        Applied::Selected(None) => Some(serde_json::from_str(payload).unwrap()),
+        Applied::Dropped => None,
+        Applied::Failed(e) => panic!("{sql}: failed: {e}"),
+    }
+}
+
+/// `SELECT VALUE expr` over `payload`.
+fn value(expr: &str, payload: &str) -> Option<Json> {
+    run(&format!("SELECT VALUE {expr} FROM 'sensors/#'"), payload)
+}
+
+const COLOR: &str = r#"{"color":"red", "temperature":50}"#;
+
+#[test]
+fn the_select_clause_as_documented() {
+    assert_eq!(
+        run("SELECT * FROM 'topic/subtopic'", COLOR),
+        Some(json!({"color":"red","temperature":50}))
+    );
+    assert_eq!(
+        run("SELECT color FROM 'topic/subtopic'", COLOR),
+        Some(json!({"color":"red"}))
+    );
+    assert_eq!(
+        run("SELECT color AS my_color FROM 'topic/subtopic'", COLOR),
+        Some(json!({"my_color":"red"}))
+    );
+    assert_eq!(
+        run(
+            "SELECT color as my_color, temperature as fahrenheit FROM 'topic/subtopic'",
+            COLOR
+        ),
+        Some(json!({"my_color":"red","fahrenheit":50}))
+    );
+    assert_eq!(
+        run("SELECT *, 15 as speed FROM 'topic/subtopic'", COLOR),
+        Some(json!({"color":"red","temperature":50,"speed":15}))
+    );
+    // A later item replaces a key `*` brought.
+    assert_eq!(
+        run("SELECT *, upper(color) AS color FROM 'a'", COLOR),
+        Some(json!({"color":"RED","temperature":50}))
+    );
+    assert_eq!(value("color", COLOR), Some(json!("red")));
+    assert_eq!(
+        value("[color, temperature]", COLOR),
+        Some(json!(["red", 50]))
+    );
+}
+
+#[test]
+fn nested_fields_and_json_extensions() {
+    let foo = r#"{"foo":{"bar":"RED","bar1":"GREEN","bar2":"BLUE"}}"#;
+    assert_eq!(
+        run("SELECT foo.bar AS bar.baz FROM 'topic/subtopic'", foo),
+        Some(json!({"bar":{"baz":"RED"}}))
+    );
+    assert_eq!(
+        run("SELECT foo.bar FROM 'a'", foo),
+        Some(json!({"bar":"RED"}))
+    );
+    let data = r#"{"mydata":{"item2":{"0":{"my-key":"myValue"}}}}"#;
+    assert_eq!(
+        run(
+            r#"SELECT * FROM 'iot/rules' WHERE get(get(get(mydata,"item2"),"0"),"my-key") = "myValue""#,
+            data
+        ),
+        Some(serde_json::from_str(data).unwrap())
+    );
+    let device = r#"{"deviceid":"iot123","temp":54.98,"humidity":32.43,"coords":{"latitude":47.615694,"longitude":-122.3359976}}"#;
+    assert_eq!(
+        run("SELECT temp, coords.latitude AS lat FROM 'topic/#'", device),
+        Some(json!({"temp":54.98,"lat":47.615694}))
+    );
+    // Literals (SQL 2016-03-23).
+    assert_eq!(
+        run(
+            "SELECT {'latitude': get(lat_long, 0),'longitude':get(lat_long, 1)} as lat_long FROM 'topic/subtopic'",
+            r#"{"lat_long": [47.606,-122.332]}"#
+        ),
+        Some(json!({"lat_long":{"latitude":47.606,"longitude":-122.332}}))
+    );
+    assert_eq!(
+        run(
+            "SELECT [lat,long] as lat_long FROM 'topic/subtopic'",
+            r#"{"lat": 47.696, "long": -122.332}"#
+        ),
+        Some(json!({"lat_long":[47.696,-122.332]}))
+    );
+    assert_eq!(
+        value("a.b[1].c", r#"{"a":{"b":[{"c":1},{"c":2}]}}"#),
+        Some(json!(2))
+    );
+}
+
+#[test]
+fn missing_fields_are_undefined_and_left_out() {
+    assert_eq!(
+        run("SELECT color, nosuch, a.b.c FROM 'a'", COLOR),
+        Some(json!({"color":"red"}))
+    );
+    // {"foo": null}: foo is Null, bar is Undefined.
+    let p = r#"{"foo":null}"#;
+    assert_eq!(
+        run("SELECT foo, bar FROM 'a'", p),
+        Some(json!({"foo":null}))
+    );
+    assert_eq!(value("foo IS NULL", p), Some(json!(true)));
+    assert_eq!(value("bar IS NULL", p), Some(json!(false)));
+    assert_eq!(value("bar IS UNDEFINED", p), Some(json!(true)));
+    assert_eq!(value("foo IS NOT UNDEFINED", p), Some(json!(true)));
+    // Undefined in a comparison is Undefined, so WHERE drops the message.
+    assert_eq!(run("SELECT * FROM 'a' WHERE nosuch > 1", COLOR), None);
+    assert_eq!(run("SELECT * FROM 'a' WHERE NOT (nosuch > 1)", COLOR), None);
+    assert_eq!(value("nosuch", COLOR), None);
+    assert_eq!(value("[1, nosuch, 2]", COLOR), Some(json!([1, 2])));
+}
+
+#[test]
+fn where_selects_and_drops() {
+    let sql = "SELECT * FROM 'sensors/+/telemetry' WHERE temperature > 40 AND color = 'red'";
+    assert!(run(sql, COLOR).is_some());
+    assert!(run(sql, r#"{"color":"red","temperature":30}"#).is_none());
+    assert!(run(sql, r#"{"color":"blue","temperature":50}"#).is_none());
+    assert!(run(
+        "SELECT * FROM 'a' WHERE temperature < 0 OR color <> 'blue'",
+        COLOR
+    )
+    .is_some());
+    assert!(run("SELECT * FROM 'a' WHERE color IN ['red', 'green']", COLOR).is_some());
+    assert!(run("SELECT * FROM 'a' WHERE temperature IN [1, 2]", COLOR).is_none());
+    assert!(run("SELECT * FROM 'a' WHERE 'TRUE'", COLOR).is_some());
+    // A WHERE that is not a Boolean is a failure, not a silent drop.
+    match Rule::parse("SELECT * FROM 'a' WHERE temperature")
+        .unwrap()
+        .apply(COLOR.as_bytes(), &CTX)
+    {
+        Applied::Failed(e) => assert!(e.contains("WHERE gave Int 50, not a Boolean"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn operators_convert_as_iot_core_does() {
+    let p = r#"{"i":7,"d":2.5,"s":"3","t":"true","x":"abc","whole":10.0}"#;
+    assert_eq!(value("i + 1", p), Some(json!(8)));
+    assert_eq!(value("i / 2", p), Some(json!(3)), "Int / Int is an Int");
+    assert_eq!(value("i % 4", p), Some(json!(3)));
+    assert_eq!(value("i / d", p), Some(json!(2.8)));
+    assert_eq!(value("i * d", p), Some(json!(17.5)));
+    assert_eq!(
+        value("s + 1", p),
+        Some(json!(4)),
+        "a numeric string is converted"
+    );
+    assert_eq!(
+        value("x + 1", p),
+        None,
+        "a string that is no number: Undefined"
+    );
+    assert_eq!(value("i / 0", p), None, "division by zero: Undefined");
+    assert_eq!(value("-i", p), Some(json!(-7)));
+    assert_eq!(value("whole", p), Some(json!(10)), "10.0 is the Int 10");
+    assert_eq!(value("i = 7.0", p), Some(json!(true)));
+    assert_eq!(value("s = 3", p), Some(json!(true)));
+    assert_eq!(value("s = '3'", p), Some(json!(true)));
+    assert_eq!(value("x = 3", p), Some(json!(false)));
+    assert_eq!(value("x < 'b'", p), Some(json!(true)));
+    assert_eq!(value("x < 3", p), None);
+    assert_eq!(
+        value("t AND true", p),
+        Some(json!(true)),
+        "\"true\" is a Boolean to AND"
+    );
+    assert_eq!(value("i AND true", p), None);
+    assert_eq!(value("NOT t", p), Some(json!(false)));
+    assert_eq!(value("{'a': 1} = {'a': 1.0}", p), Some(json!(true)));
+    assert_eq!(value("[1, 'x'] = [1, 'x']", p), Some(json!(true)));
+    assert_eq!(
+        value("9223372036854775807 + 1", p),
+        None,
+        "overflow: Undefined"
+    );
+}
+
+#[test]
+fn case_expressions() {
+    let sql = "SELECT CASE color WHEN 'green' THEN 'go' WHEN 'red' THEN 'stop' ELSE 'caution' END AS instruction FROM 'topic/subtopic'";
+    assert_eq!(run(sql, COLOR), Some(json!({"instruction":"stop"})));
+    assert_eq!(
+        run(sql, r#"{"color":"yellow"}"#),
+        Some(json!({"instruction":"caution"}))
+    );
+    assert_eq!(
+        value("CASE WHEN temperature > 40 THEN 'hot' ELSE 'ok' END", COLOR),
+        Some(json!("hot"))
+    );
+    assert_eq!(value("CASE color WHEN 'blue' THEN 1 END", COLOR), None);
+}
+
+#[test]
+fn functions() {
+    let p = r#"{"n":-1.5,"i":-3,"s":"Hello","a":[1,2,3],"o":{"k":"v"}}"#;
+    assert_eq!(value("topic()", p), Some(json!("sensors/dev-7/telemetry")));
+    assert_eq!(value("topic(2)", p), Some(json!("dev-7")), "1-based");
+    assert_eq!(value("topic(9)", p), None);
+    assert_eq!(value("clientid()", p), Some(json!("dev-7")));
+    assert_eq!(value("timestamp()", p), Some(json!(1_700_000_000_123i64)));
+    let id = value("newuuid()", p).unwrap();
+    let id = uuid::Uuid::parse_str(id.as_str().unwrap()).unwrap();
+    assert_eq!(id.get_version_num(), 4);
+    assert_ne!(value("newuuid()", p), value("newuuid()", p));
+    assert_eq!(value("abs(i)", p), Some(json!(3)));
+    assert_eq!(value("abs(n)", p), Some(json!(1.5)));
+    assert_eq!(
+        value("abs('-5.123')", p),
+        Some(json!(5.123)),
+        "strings are converted"
+    );
+    assert_eq!(value("abs(s)", p), None);
+    assert_eq!(value("round(1.5)", p), Some(json!(2)));
+    assert_eq!(value("round(n)", p), Some(json!(-2)));
+    assert_eq!(value("round(1.2)", p), Some(json!(1)));
+    assert_eq!(value("floor(n)", p), Some(json!(-2)));
+    assert_eq!(value("ceil(n)", p), Some(json!(-1)));
+    assert_eq!(value("ceil(i)", p), Some(json!(-3)));
+    assert_eq!(value("concat(s, ' ', i)", p), Some(json!("Hello -3")));
+    assert_eq!(value("s || '!'", p), Some(json!("Hello!")));
+    assert_eq!(value("concat(a, [4])", p), Some(json!([1, 2, 3, 4])));
+    assert_eq!(value("concat(s, nosuch)", p), None);
+    assert_eq!(value("lower(s)", p), Some(json!("hello")));
+    assert_eq!(value("upper(s)", p), Some(json!("HELLO")));
+    assert_eq!(value("upper(a)", p), None);
+    assert_eq!(value("substring(s, 1)", p), Some(json!("ello")));
+    assert_eq!(value("substring(s, 1, 3)", p), Some(json!("el")));
+    assert_eq!(value("substring(s, 9)", p), Some(json!("")));
+    assert_eq!(value("substring('123', 1)", p), Some(json!("23")));
+    assert_eq!(value("get(a, 0)", p), Some(json!(1)));
+    assert_eq!(value("get(o, 'k')", p), Some(json!("v")));
+    assert_eq!(value("get(a, 7)", p), None);
+    assert_eq!(value("length(s)", p), Some(json!(5)));
+    assert_eq!(value("length(a)", p), Some(json!(3)));
+}
+
+#[test]
+fn casts() {
+    let p = r#"{"d":2.7,"s":"42","f":"1.5","b":true,"x":"abc"}"#;
+    assert_eq!(value("cast(d AS Int)", p), Some(json!(2)));
+    assert_eq!(value("cast(s AS Int)", p), Some(json!(42)));
+    assert_eq!(value("cast(f AS Int)", p), Some(json!(1)));
+    assert_eq!(value("cast(b AS Int)", p), Some(json!(1)));
+    assert_eq!(value("cast(x AS Int)", p), None);
+    assert_eq!(
+        value("cast(s AS Decimal)", p),
+        Some(json!(42)),
+        "whole Decimals are written as Ints"
+    );
+    assert_eq!(value("cast(f AS Decimal)", p), Some(json!(1.5)));
+    assert_eq!(value("cast(b AS Decimal)", p), Some(json!(1)));
+    assert_eq!(value("cast(0 AS Boolean)", p), Some(json!(false)));
+    assert_eq!(value("cast('TRUE' AS Boolean)", p), Some(json!(true)));
+    assert_eq!(value("cast(x AS Boolean)", p), None);
+    assert_eq!(value("cast(d AS String)", p), Some(json!("2.7")));
+    assert_eq!(value("cast(b AS String)", p), Some(json!("true")));
+    assert_eq!(value("cast([1] AS String)", p), Some(json!("[1]")));
+}
+
+#[test]
+fn payloads_that_are_not_json_objects() {
+    let rule = Rule::parse("SELECT * FROM 'a'").unwrap();
+    assert_eq!(rule.apply(b"\x00\xffbinary", &CTX), Applied::Selected(None));
+    let rule = Rule::parse("SELECT *, topic() AS t FROM 'a'").unwrap();
+    assert!(matches!(rule.apply(b"\x00\xff", &CTX), Applied::Failed(e) if e.contains("not JSON")));
+    assert!(matches!(rule.apply(b"[1,2]", &CTX), Applied::Failed(e) if e.contains("JSON Array")));
+    // Fields of a payload that is not JSON are Undefined; functions still work.
+    let rule = Rule::parse("SELECT temperature, topic(2) AS device FROM 'a'").unwrap();
+    assert_eq!(
+        rule.apply(b"not json", &CTX),
+        Applied::Selected(Some(br#"{"device":"dev-7"}"#.to_vec()))
+    );
+}
+
+#[test]
+fn the_from_filter_is_checked() {
+    let e = Rule::parse("SELECT * FROM 'a/#/b'").unwrap_err();
+    assert_eq!(e.position, 14);
+    assert!(e.message.starts_with("FROM:"), "{e}");
+    assert_eq!(e.to_string().split(':').next(), Some("at character 15"));
+    let r = Rule::parse("SELECT * FROM 'sensors/+/telemetry'").unwrap();
+    assert!(r.filter().matches("sensors/d/telemetry"));
+}
+
+#[test]
+fn the_error_message_has_iot_cores_error_action_shape() {
+    let m = error_message(
+        "hot",
+        "sensors/d/t",
+        Some("d"),
+        b"{\"t\":1}",
+        "WHERE gave Int 1",
+    );
+    let m: Json = serde_json::from_slice(&m).unwrap();
+    assert_eq!(m["ruleName"], "hot");
+    assert_eq!(m["topic"], "sensors/d/t");
+    assert_eq!(m["clientId"], "d");
+    assert_eq!(m["base64OriginalPayload"], "eyJ0IjoxfQ==");
+    assert_eq!(m["failures"][0]["errorMessage"], "WHERE gave Int 1");
+    assert!(m["cloudwatchTraceId"].as_str().is_some());
+}
