@@ -4,6 +4,8 @@
 use metrics::{describe_counter, describe_gauge, Unit};
 
 pub const RECEIVED: &str = "edgehose_messages_received_total";
+pub const RULE_DROPPED: &str = "edgehose_rule_dropped_total";
+pub const RULE_FAILED: &str = "edgehose_rule_failures_total";
 pub const CLOCK_STEPS: &str = "edgehose_clock_steps_total";
 pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
@@ -47,6 +49,14 @@ pub fn describe() {
         "Times the wall clock stepped by a second or more (NTP after boot, a manual change)"
     );
     describe_counter!(RECEIVED, "MQTT messages that reached ingress");
+    describe_counter!(
+        RULE_DROPPED,
+        "Messages a stream's rule did not select (WHERE false, Null or Undefined)"
+    );
+    describe_counter!(
+        RULE_FAILED,
+        "Messages a stream's rule failed on (sent to its error_stream, or refused without one)"
+    );
     describe_counter!(CONNECTIONS, "MQTT connections accepted by the front door");
     describe_counter!(
         RATE_LIMITED,

@@ -113,6 +113,8 @@ pub struct Setup {
     pub frontdoor: &'static str,
     /// `buffer.synchronous`: "full" (the default) or "normal".
     pub synchronous: &'static str,
+    /// More config at the end (streams and destinations beside `telemetry` and `local`).
+    pub extra: String,
 }
 
 impl Default for Setup {
@@ -133,6 +135,7 @@ impl Default for Setup {
             env: Vec::new(),
             frontdoor: "",
             synchronous: "full",
+            extra: String::new(),
         }
     }
 }
@@ -197,7 +200,9 @@ destinations = ["local"]
 
 [destinations.local]
 {destination}
+{extra}
 "#,
+            extra = setup.extra,
             destination = setup.destination.clone().unwrap_or_else(|| format!(
                 "type = \"file\"\nroot = \"{root}\"\nbucket = \"{bucket}\"\n\
                  delivery_stream = \"{stream}\"\nbuffer_size = \"{size}\"\n\

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+use crate::rules::Rule;
 use crate::templates::topic::{PartitionKeyTemplate, TopicFilter};
 
 mod destinations;
@@ -160,7 +161,10 @@ struct RawLog {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStream {
+    #[serde(default)]
     topics: Vec<String>,
+    sql: Option<String>,
+    error_stream: Option<String>,
     destinations: Vec<String>,
     partition_key: Option<String>,
     payload_format: Option<String>,
@@ -289,6 +293,12 @@ pub struct StreamConfig {
     pub destinations: Vec<String>,
     pub partition_key: PartitionKeyTemplate,
     pub payload_format: PayloadFormat,
+    /// `sql`: the IoT rule that selects and reshapes this stream's records (its FROM filter is
+    /// `topics`).
+    pub rule: Option<std::sync::Arc<Rule>>,
+    /// `error_stream`: the stream (by index) that gets IoT Core's error-action message for each
+    /// message the rule failed on; None: such a message is refused.
+    pub error_stream: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,24 +377,38 @@ impl RawConfig {
             ));
         }
         let mut streams = Vec::new();
+        let mut error_streams = Vec::new();
         for (name, raw) in self.streams {
             let key = format!("streams.{name}");
             valid_name(&key, &name)?;
-            if raw.topics.is_empty() {
-                return Err(ConfigError::new(
-                    format!("{key}.topics"),
-                    "at least one topic filter is required",
-                ));
-            }
-            let topics = raw
-                .topics
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    TopicFilter::parse(t)
-                        .map_err(|p| ConfigError::new(format!("{key}.topics[{i}]"), p))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let rule = match &raw.sql {
+                Some(_) if !raw.topics.is_empty() => {
+                    return Err(ConfigError::new(
+                        format!("{key}.topics"),
+                        "a stream with sql reads the topics of its FROM clause; \
+                         remove topics (or the sql)",
+                    ));
+                }
+                Some(sql) => {
+                    Some(std::sync::Arc::new(Rule::parse(sql).map_err(|e| {
+                        ConfigError::new(format!("{key}.sql"), e.to_string())
+                    })?))
+                }
+                // Checked below: only another stream's error_stream may have no topics.
+                None => None,
+            };
+            let topics = match &rule {
+                Some(rule) => vec![rule.filter().clone()],
+                None => raw
+                    .topics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        TopicFilter::parse(t)
+                            .map_err(|p| ConfigError::new(format!("{key}.topics[{i}]"), p))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
             if raw.destinations.is_empty() {
                 return Err(ConfigError::new(
                     format!("{key}.destinations"),
@@ -426,7 +450,44 @@ impl RawConfig {
                 destinations: raw.destinations,
                 partition_key,
                 payload_format,
+                rule,
+                error_stream: None,
             });
+            error_streams.push(raw.error_stream);
+        }
+        // Streams are in name order (the index is the stream's id in the buffer); error streams
+        // refer to them by name.
+        for (i, error_stream) in error_streams.into_iter().enumerate() {
+            let Some(target) = error_stream else { continue };
+            let key = format!("streams.{}.error_stream", streams[i].name);
+            if streams[i].rule.is_none() {
+                return Err(ConfigError::new(
+                    key,
+                    "only a stream with an sql rule has rule failures to send",
+                ));
+            }
+            let Some(j) = streams.iter().position(|s| s.name == target) else {
+                return Err(ConfigError::new(
+                    key,
+                    format!("no stream named {target:?} (define [streams.{target}])"),
+                ));
+            };
+            if j == i {
+                return Err(ConfigError::new(
+                    key,
+                    "a stream cannot be its own error stream",
+                ));
+            }
+            streams[i].error_stream = Some(j);
+        }
+        for (i, s) in streams.iter().enumerate() {
+            if s.topics.is_empty() && !streams.iter().any(|o| o.error_stream == Some(i)) {
+                return Err(ConfigError::new(
+                    format!("streams.{}.topics", s.name),
+                    "at least one topic filter (or an sql rule) is required, unless the \
+                     stream is another stream's error_stream",
+                ));
+            }
         }
         for dest in &destinations {
             if !streams.iter().any(|s| s.destinations.contains(&dest.name)) {
@@ -791,6 +852,47 @@ mod tests {
     }
 
     #[test]
+    fn rule_streams_are_checked() {
+        let rules = r#"
+            [streams.hot]
+            sql = "SELECT temperature AS t FROM 'sensors/+/telemetry' WHERE temperature > 30"
+            error_stream = "rule_errors"
+            destinations = ["local"]
+
+            [streams.rule_errors]
+            destinations = ["local"]
+
+            [destinations.local]
+            type = "file"
+            root = "out"
+            bucket = "telemetry"
+        "#;
+        let c = parse(rules).unwrap();
+        let hot = c.streams.iter().find(|s| s.name == "hot").unwrap();
+        assert!(hot.topics[0].matches("sensors/d/telemetry"));
+        assert!(hot.rule.is_some());
+        let errors = c.streams.iter().position(|s| s.name == "rule_errors");
+        assert_eq!(hot.error_stream, errors);
+
+        let e = err(&rules.replace("WHERE temperature > 30", "WHERE temperature >"));
+        assert_eq!(e.key, "streams.hot.sql");
+        assert!(
+            e.problem
+                .starts_with("at character 71: expected an expression, found the end"),
+            "{e}"
+        );
+        let e = err(&rules.replace("error_stream = \"rule_errors\"", "error_stream = \"nope\""));
+        assert_eq!(e.key, "streams.hot.error_stream");
+        let e = err(&rules.replace("error_stream = \"rule_errors\"", "error_stream = \"hot\""));
+        assert!(e.problem.contains("its own"), "{e}");
+        let e = err(&rules.replace("sql = ", "topics = [\"a\"]\nsql = "));
+        assert_eq!(e.key, "streams.hot.topics");
+        let e = err(&rules.replace("error_stream = \"rule_errors\"", ""));
+        assert_eq!(e.key, "streams.rule_errors.topics");
+        assert!(e.problem.contains("at least one topic filter"), "{e}");
+    }
+
+    #[test]
     fn client_id_template_needs_the_front_door() {
         let with_key = MINIMAL.replace(
             "destinations = [\"local\"]",
@@ -798,7 +900,13 @@ mod tests {
         );
         parse(&with_key).unwrap();
         let e = err(&format!("{with_key}\n[ingress]\nmode = \"broker\"\n"));
-        assert_eq!(e.key, "streams.telemetry.partition_key");
+        // Without the broker feature the mode itself is refused first.
+        let want = if cfg!(feature = "broker") {
+            "streams.telemetry.partition_key"
+        } else {
+            "ingress.mode"
+        };
+        assert_eq!(e.key, want);
     }
 
     #[test]

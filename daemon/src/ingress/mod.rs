@@ -37,7 +37,9 @@ pub fn admit(
                     stream: r.stream,
                     arrival_ms,
                     partition_key: r.partition_key,
-                    payload: payload.clone(),
+                    payload: r
+                        .payload
+                        .map_or_else(|| payload.clone(), bytes::Bytes::from),
                 })
                 .collect())
         });

@@ -91,15 +91,20 @@ impl Rule {
         &self.filter
     }
 
-    pub fn apply(&self, payload: &[u8], ctx: &Context) -> Applied {
-        if self.passthrough && self.statement.filter.is_none() {
+    /// Whether [`Self::apply`] reads the payload's fields (anything but `SELECT *` alone).
+    pub fn reads_payload(&self) -> bool {
+        !(self.passthrough && self.statement.filter.is_none())
+    }
+
+    /// Applies the rule to a message whose payload parsed as `doc` ([`Value::parse`]; a
+    /// payload that is not JSON is `Value::Undefined`: its fields are Undefined, and `SELECT *`
+    /// alone passes it as it is, as IoT Core passes binary payloads).
+    pub fn apply<'a>(&self, doc: &Value<'a>, ctx: &Context<'a>) -> Applied {
+        if !self.reads_payload() {
             return Applied::Selected(None);
         }
-        // A payload that is not JSON has no fields (they are Undefined); `SELECT *` alone
-        // passes it as it is, as IoT Core passes binary payloads.
-        let doc = Value::parse(payload).unwrap_or(Value::Undefined);
         if let Some(cond) = &self.statement.filter {
-            match eval::eval(cond, &doc, ctx) {
+            match eval::eval(cond, doc, ctx) {
                 Value::Bool(true) => {}
                 Value::Bool(false) | Value::Null | Value::Undefined => return Applied::Dropped,
                 v => match eval::to_bool(&v) {
@@ -119,7 +124,7 @@ impl Rule {
             return Applied::Selected(None);
         }
         let out = match &self.statement.projection {
-            Projection::Value(e) => match eval::eval(e, &doc, ctx) {
+            Projection::Value(e) => match eval::eval(e, doc, ctx) {
                 Value::Undefined => return Applied::Dropped,
                 v => v,
             },
@@ -127,7 +132,7 @@ impl Rule {
                 let mut fields: Vec<(Cow<str>, Value)> = Vec::new();
                 for item in items {
                     match item {
-                        Item::Star => match &doc {
+                        Item::Star => match doc {
                             Value::Object(all) => {
                                 for (k, v) in all {
                                     insert(&mut fields, std::slice::from_ref(k), v.clone());
@@ -149,7 +154,7 @@ impl Rule {
                             }
                         },
                         Item::Expr { expr, name } => {
-                            let v = eval::eval(expr, &doc, ctx);
+                            let v = eval::eval(expr, doc, ctx);
                             let path: Vec<Cow<str>> =
                                 name.iter().map(|n| Cow::Borrowed(n.as_str())).collect();
                             insert(&mut fields, &path, v);

@@ -14,12 +14,17 @@ const CTX: Context = Context {
 /// Applies `sql` to `payload` and returns the JSON selected (None if dropped; panics on
 /// failure).
 fn run(sql: &str, payload: &str) -> Option<Json> {
-    match Rule::parse(sql).unwrap().apply(payload.as_bytes(), &CTX) {
+    match apply(&Rule::parse(sql).unwrap(), payload.as_bytes()) {
         Applied::Selected(Some(out)) => Some(serde_json::from_slice(&out).unwrap()),
         Applied::Selected(None) => Some(serde_json::from_str(payload).unwrap()),
         Applied::Dropped => None,
         Applied::Failed(e) => panic!("{sql}: failed: {e}"),
     }
+}
+
+/// The rule over a payload as the router gives it (not JSON: Undefined).
+fn apply(rule: &Rule, payload: &[u8]) -> Applied {
+    rule.apply(&Value::parse(payload).unwrap_or(Value::Undefined), &CTX)
 }
 
 /// `SELECT VALUE expr` over `payload`.
@@ -149,10 +154,10 @@ fn where_selects_and_drops() {
     assert!(run("SELECT * FROM 'a' WHERE temperature IN [1, 2]", COLOR).is_none());
     assert!(run("SELECT * FROM 'a' WHERE 'TRUE'", COLOR).is_some());
     // A WHERE that is not a Boolean is a failure, not a silent drop.
-    match Rule::parse("SELECT * FROM 'a' WHERE temperature")
-        .unwrap()
-        .apply(COLOR.as_bytes(), &CTX)
-    {
+    match apply(
+        &Rule::parse("SELECT * FROM 'a' WHERE temperature").unwrap(),
+        COLOR.as_bytes(),
+    ) {
         Applied::Failed(e) => assert!(e.contains("WHERE gave Int 50, not a Boolean"), "{e}"),
         other => panic!("{other:?}"),
     }
@@ -286,14 +291,14 @@ fn casts() {
 #[test]
 fn payloads_that_are_not_json_objects() {
     let rule = Rule::parse("SELECT * FROM 'a'").unwrap();
-    assert_eq!(rule.apply(b"\x00\xffbinary", &CTX), Applied::Selected(None));
+    assert_eq!(apply(&rule, b"\x00\xffbinary"), Applied::Selected(None));
     let rule = Rule::parse("SELECT *, topic() AS t FROM 'a'").unwrap();
-    assert!(matches!(rule.apply(b"\x00\xff", &CTX), Applied::Failed(e) if e.contains("not JSON")));
-    assert!(matches!(rule.apply(b"[1,2]", &CTX), Applied::Failed(e) if e.contains("JSON Array")));
+    assert!(matches!(apply(&rule, b"\x00\xff"), Applied::Failed(e) if e.contains("not JSON")));
+    assert!(matches!(apply(&rule, b"[1,2]"), Applied::Failed(e) if e.contains("JSON Array")));
     // Fields of a payload that is not JSON are Undefined; functions still work.
     let rule = Rule::parse("SELECT temperature, topic(2) AS device FROM 'a'").unwrap();
     assert_eq!(
-        rule.apply(b"not json", &CTX),
+        apply(&rule, b"not json"),
         Applied::Selected(Some(br#"{"device":"dev-7"}"#.to_vec()))
     );
 }

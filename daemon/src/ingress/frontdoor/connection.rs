@@ -86,7 +86,7 @@ fn refusal(reason: Reject) -> Refusal {
         Reject::BadTopic => Refusal::TopicNameInvalid,
         Reject::MalformedPayload => Refusal::PayloadFormatInvalid,
         Reject::NoRoute => Refusal::NoMatchingSubscribers,
-        Reject::PayloadTooLarge => Refusal::ImplementationSpecific,
+        Reject::PayloadTooLarge | Reject::RuleFailed => Refusal::ImplementationSpecific,
     }
 }
 

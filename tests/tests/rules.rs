@@ -1,0 +1,195 @@
+//! IoT rules end to end: devices publish over MQTT to the real gateway, whose streams carry rule
+//! SQL; the `file` destinations show what each rule selected, reshaped, dropped or failed on.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use edgehose_tests::*;
+use serde_json::{json, Value};
+
+/// Raw readings to the `telemetry` bucket (the harness's stream); a rule that keeps alarms,
+/// reshaped, to `alerts`; its failures, as IoT Core's error-action messages, to `rule-errors`;
+/// a rule with no error stream, whose failures are refused.
+fn setup(dir: &Path) -> Setup {
+    let file = |bucket: &str| {
+        format!(
+            "type = \"file\"\nroot = \"{}\"\nbucket = \"{bucket}\"\nbuffer_interval = \"1s\"\n",
+            dir.join("out").display()
+        )
+    };
+    Setup {
+        extra: format!(
+            r#"
+[streams.alarms]
+sql = "SELECT topic(2) AS device, clientid() AS client, reading.t AS t, round(reading.t * 1.8 + 32) AS fahrenheit, upper(site) AS site FROM 'sensors/+/telemetry' WHERE alarm"
+error_stream = "rule_errors"
+destinations = ["alerts"]
+
+[streams.rule_errors]
+destinations = ["errors"]
+
+[streams.strict]
+sql = "SELECT VALUE reading FROM 'strict/#' WHERE alarm"
+destinations = ["alerts"]
+
+[destinations.alerts]
+{alerts}
+[destinations.errors]
+{errors}
+"#,
+            alerts = file("alerts"),
+            errors = file("rule-errors"),
+        ),
+        ..Setup::default()
+    }
+}
+
+fn records(dir: &Path, bucket: &str) -> Vec<Value> {
+    read_objects(&dir.join("out").join(bucket))
+        .unwrap()
+        .iter()
+        .flat_map(|o| o.records.iter())
+        .map(|r| serde_json::from_slice(r).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_select_reshape_drop_and_report_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &setup(dir.path())).unwrap();
+
+    // 30 readings, a third of them without an alarm; one more from a device whose firmware
+    // sends the alarm as a number (the rule's WHERE gives an Int, not a Boolean: a failure).
+    let mut messages = Vec::new();
+    for seq in 0..30u64 {
+        let alarm = seq % 3 != 1;
+        let t = 31.5 + seq as f64;
+        let payload = json!({"seq": seq, "alarm": alarm, "reading": {"t": t}, "site": "north"});
+        messages.push((
+            "sensors/dev-1/telemetry".to_string(),
+            payload.to_string().into_bytes(),
+        ));
+    }
+    messages.push((
+        "sensors/dev-2/telemetry".to_string(),
+        br#"{"seq":0,"alarm":1,"reading":{"t":50}}"#.to_vec(),
+    ));
+    assert_eq!(publish(gw.mqtt_port, "client-a", messages).await, 31);
+
+    wait_until(
+        Duration::from_secs(30),
+        "alerts and the rule error delivered",
+        || {
+            gw.metric("edgehose_records_delivered_total{destination=\"alerts\"}") >= 10.0
+                && gw.metric("edgehose_records_delivered_total{destination=\"errors\"}") >= 1.0
+                && gw.metric("edgehose_records_delivered_total{destination=\"local\"}") >= 31.0
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{:?}\n{}", gw.metrics(), gw.log()));
+
+    // The raw stream has every reading as it came.
+    assert_eq!(records(dir.path(), "telemetry").len(), 31);
+    // The rule kept the twenty alarms, reshaped.
+    let mut alerts = records(dir.path(), "alerts");
+    alerts.sort_by_key(|a| a["t"].as_f64().unwrap() as i64);
+    assert_eq!(alerts.len(), 20, "{alerts:?}");
+    assert_eq!(
+        alerts[0],
+        json!({"device": "dev-1", "client": "client-a", "t": 31.5, "fahrenheit": 89, "site": "NORTH"})
+    );
+    assert_eq!(alerts[19]["t"], json!(60.5));
+    // The failure went to the error stream in IoT Core's error-action shape, with the
+    // original payload.
+    let errors = records(dir.path(), "rule-errors");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["ruleName"], "alarms");
+    assert_eq!(errors[0]["topic"], "sensors/dev-2/telemetry");
+    assert_eq!(errors[0]["clientId"], "client-a");
+    let original = base64_decode(errors[0]["base64OriginalPayload"].as_str().unwrap());
+    assert_eq!(original, br#"{"seq":0,"alarm":1,"reading":{"t":50}}"#);
+    assert!(
+        errors[0]["failures"][0]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("not a Boolean"),
+        "{errors:?}"
+    );
+    // Counted: 10 dropped by WHERE, 1 failure.
+    assert_eq!(
+        gw.metric("edgehose_rule_dropped_total{stream=\"alarms\"}"),
+        10.0
+    );
+    assert_eq!(
+        gw.metric("edgehose_rule_failures_total{stream=\"alarms\"}"),
+        1.0
+    );
+
+    // A rule with no error stream refuses what it fails on: an MQTT 5 device sees the PUBACK's
+    // reason code (mosquitto_pub reports the failed publish); what it selects is stored.
+    let pubv5 = |payload: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-V", "5", "-q", "1", "-h", "127.0.0.1", "-p"])
+            .arg(gw.mqtt_port.to_string())
+            .args(["-i", "strict-dev", "-t", "strict/dev-3", "-m", payload])
+            .output()
+            .unwrap()
+    };
+    let refused = pubv5(r#"{"alarm":"maybe","reading":{"t":1}}"#);
+    let said = String::from_utf8_lossy(&refused.stderr).to_string()
+        + &String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        said.to_lowercase().contains("implementation specific"),
+        "mosquitto_pub said: {said}"
+    );
+    let kept = pubv5(r#"{"alarm":true,"reading":{"t":2}}"#);
+    assert!(kept.status.success(), "{kept:?}");
+    wait_until(Duration::from_secs(30), "the strict rule's record", || {
+        records(dir.path(), "alerts")
+            .iter()
+            .any(|r| *r == json!({"t": 2}))
+    })
+    .unwrap();
+    assert_eq!(
+        gw.metric("edgehose_messages_rejected_total{reason=\"rule_failed\"}"),
+        1.0
+    );
+    assert!(gw.terminate().unwrap().success());
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[test]
+fn check_config_names_the_rule_and_where_its_sql_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edgehose.toml");
+    std::fs::write(
+        &config,
+        r#"
+[streams.alarms]
+sql = "SELECT temperature FROM 'sensors/+/telemetry' WHERE temperature >> 30"
+destinations = ["local"]
+
+[destinations.local]
+type = "file"
+root = "out"
+bucket = "readings"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(bin("edgehose"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("streams.alarms.sql"), "{err}");
+    assert!(
+        err.contains("at character 66: expected an expression, found \">\""),
+        "{err}"
+    );
+}
