@@ -15,6 +15,31 @@ use crate::ingress::frontdoor::filter_index::FilterIndex;
 use crate::sinks::kpl;
 use crate::templates::{json_field, keys, topic};
 
+/// IoT rule SQL: the first line is a statement, the rest a payload. Whatever the input, parsing
+/// ends in a rule or an error with a position inside the statement, and applying a rule to any
+/// payload ends in an outcome whose selected output is JSON.
+pub fn rules(data: &[u8]) {
+    use crate::rules::{value::Value, Applied, Context, Rule};
+    let text = String::from_utf8_lossy(data);
+    let (sql, payload) = text.split_once('\n').unwrap_or((&text, "{}"));
+    let rule = match Rule::parse(sql) {
+        Ok(rule) => rule,
+        Err(e) => {
+            assert!(e.position <= sql.len(), "{e} beyond {} bytes", sql.len());
+            return;
+        }
+    };
+    let doc = Value::parse(payload.as_bytes()).unwrap_or(Value::Undefined);
+    let ctx = Context {
+        topic: "sensors/dev-1/telemetry",
+        client_id: Some("dev-1"),
+        timestamp_ms: 1_700_000_000_000,
+    };
+    if let Applied::Selected(Some(out)) = rule.apply(&doc, &ctx) {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&out).expect("a rule writes JSON");
+    }
+}
+
 /// Who a device is and what it may do: an IoT policy document (then requests evaluated under
 /// it), a password file, or a certificate's DER (its subject common name and serial), chosen by
 /// the first byte. Whatever the input, loading ends in a document or an error, and every

@@ -50,3 +50,8 @@ fn kpl_corpus() {
 fn auth_corpus() {
     replay("auth", edgehose::fuzz::auth);
 }
+
+#[test]
+fn rules_corpus() {
+    replay("rules", edgehose::fuzz::rules);
+}

@@ -17,7 +17,29 @@ pub struct Context<'a> {
     pub timestamp_ms: i64,
 }
 
+/// A path into the payload (`a`, `a.b`, `a[2].c`) resolved by reference: only the value at its
+/// end is copied, not what contains it. None: `expr` is not such a path.
+fn lookup<'v, 'a>(expr: &Expr, payload: &'v Value<'a>) -> Option<Option<&'v Value<'a>>> {
+    Some(match expr {
+        Expr::Field(name) => payload.field(name),
+        Expr::Member(base, name) => lookup(base, payload)?.and_then(|v| v.field(name)),
+        Expr::Index(base, index) => {
+            let Expr::Literal(Value::Int(i)) = **index else {
+                return None;
+            };
+            match lookup(base, payload)? {
+                Some(Value::Array(items)) if i >= 0 => items.get(i as usize),
+                _ => None,
+            }
+        }
+        _ => return None,
+    })
+}
+
 pub fn eval<'a>(expr: &Expr, payload: &Value<'a>, ctx: &Context<'a>) -> Value<'a> {
+    if let Some(found) = lookup(expr, payload) {
+        return found.cloned().unwrap_or(Value::Undefined);
+    }
     match expr {
         Expr::Literal(v) => v.clone(),
         Expr::Field(name) => payload.field(name).cloned().unwrap_or(Value::Undefined),

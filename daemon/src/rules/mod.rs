@@ -134,8 +134,16 @@ impl Rule {
                     match item {
                         Item::Star => match doc {
                             Value::Object(all) => {
+                                // Replace only what the items before `*` put (a handful): a
+                                // lookup per payload field would be quadratic in a payload
+                                // of thousands of keys.
+                                let before = fields.len();
+                                fields.reserve(all.len());
                                 for (k, v) in all {
-                                    insert(&mut fields, std::slice::from_ref(k), v.clone());
+                                    match fields[..before].iter().position(|(f, _)| f == k) {
+                                        Some(i) => fields[i].1 = v.clone(),
+                                        None => fields.push((k.clone(), v.clone())),
+                                    }
                                 }
                             }
                             Value::Undefined if items.len() == 1 => {
@@ -175,7 +183,8 @@ impl Rule {
 /// key already there is replaced, as a later item overrides `*`.
 fn insert<'a>(fields: &mut Vec<(Cow<'a, str>, Value<'a>)>, path: &[Cow<'a, str>], v: Value<'a>) {
     let (first, rest) = path.split_first().expect("a name has at least one part");
-    let slot = match fields.iter().position(|(k, _)| k == first) {
+    // The last occurrence: a payload's repeated key counts once, its last value (as lookups).
+    let slot = match fields.iter().rposition(|(k, _)| k == first) {
         Some(i) => i,
         None => {
             fields.push((first.clone(), Value::Undefined));
