@@ -115,6 +115,8 @@ pub fn eval<'a>(expr: &Expr, payload: &Value<'a>, ctx: &Context<'a>) -> Value<'a
                 None => Value::Undefined,
             }
         }
+        // Aggregates are evaluated by the window stage; a rule without GROUP BY has none.
+        Expr::Aggregate(..) => Value::Undefined,
         Expr::Call(f, args) => {
             let args = args.iter().map(|a| eval(a, payload, ctx)).collect();
             f.call(args, ctx)

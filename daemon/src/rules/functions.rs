@@ -22,10 +22,13 @@ pub enum Function {
     Substring,
     Get,
     Length,
+    /// A windowed rule's window bounds (epoch ms); Undefined outside one.
+    WindowStart,
+    WindowEnd,
 }
 
 impl Function {
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 17] = [
         "abs",
         "cast",
         "ceil",
@@ -41,7 +44,30 @@ impl Function {
         "timestamp",
         "topic",
         "upper",
+        "window_end",
+        "window_start",
     ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Function::Topic => "topic",
+            Function::ClientId => "clientid",
+            Function::Timestamp => "timestamp",
+            Function::NewUuid => "newuuid",
+            Function::Abs => "abs",
+            Function::Round => "round",
+            Function::Floor => "floor",
+            Function::Ceil => "ceil",
+            Function::Concat => "concat",
+            Function::Lower => "lower",
+            Function::Upper => "upper",
+            Function::Substring => "substring",
+            Function::Get => "get",
+            Function::Length => "length",
+            Function::WindowStart => "window_start",
+            Function::WindowEnd => "window_end",
+        }
+    }
 
     pub fn named(name: &str) -> Option<Self> {
         Some(match name.to_ascii_lowercase().as_str() {
@@ -59,6 +85,8 @@ impl Function {
             "substring" => Function::Substring,
             "get" => Function::Get,
             "length" => Function::Length,
+            "window_start" => Function::WindowStart,
+            "window_end" => Function::WindowEnd,
             _ => return None,
         })
     }
@@ -66,7 +94,11 @@ impl Function {
     /// (fewest, most) arguments.
     pub fn arity(self) -> (usize, usize) {
         match self {
-            Function::ClientId | Function::Timestamp | Function::NewUuid => (0, 0),
+            Function::ClientId
+            | Function::Timestamp
+            | Function::NewUuid
+            | Function::WindowStart
+            | Function::WindowEnd => (0, 0),
             Function::Topic => (0, 1),
             Function::Abs
             | Function::Round
@@ -202,6 +234,7 @@ impl Function {
                     _ => Value::Undefined,
                 }
             }
+            Function::WindowStart | Function::WindowEnd => Value::Undefined,
             Function::Length => match arg(0) {
                 Value::Str(s) => Value::Int(s.chars().count() as i64),
                 Value::Array(a) => Value::Int(a.len() as i64),

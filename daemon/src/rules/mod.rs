@@ -19,6 +19,7 @@ pub mod functions;
 pub mod lexer;
 pub mod parser;
 pub mod value;
+pub mod window;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -71,6 +72,8 @@ pub struct Rule {
     filter: TopicFilter,
     /// `SELECT *` alone: the payload passes unchanged (no parse, no copy) unless WHERE reads it.
     passthrough: bool,
+    /// `GROUP BY ..., STEP(...)`: a windowed rule.
+    window: Option<window::Windowed>,
 }
 
 impl Rule {
@@ -79,11 +82,58 @@ impl Rule {
         let filter = TopicFilter::parse(&statement.from)
             .map_err(|e| SqlError::at(statement.from_at, format!("FROM: {e}")))?;
         let passthrough = statement.projection == Projection::Items(vec![Item::Star]);
+        let window = match statement.group_by.clone() {
+            Some(group) => Some(window::Windowed::new(
+                &statement.projection,
+                statement.filter.as_ref(),
+                group,
+            )?),
+            None => {
+                let in_items = match &statement.projection {
+                    Projection::Value(e) => window::contains_aggregate(e),
+                    Projection::Items(items) => items.iter().any(
+                        |i| matches!(i, Item::Expr { expr, .. } if window::contains_aggregate(expr)),
+                    ),
+                };
+                if in_items
+                    || statement
+                        .filter
+                        .as_ref()
+                        .is_some_and(window::contains_aggregate)
+                {
+                    return Err(SqlError::at(
+                        0,
+                        "aggregates need a window: GROUP BY ..., STEP(ROWTIME BY INTERVAL '60' SECOND)",
+                    ));
+                }
+                None
+            }
+        };
         Ok(Self {
             statement,
             filter,
             passthrough,
+            window,
         })
+    }
+
+    /// The window of a windowed rule (its records are input rows, aggregated by the window
+    /// stage).
+    pub fn window(&self) -> Option<&window::Windowed> {
+        self.window.as_ref()
+    }
+
+    /// What a windowed rule's closed window makes of one group (`key` and `accs` as
+    /// [`window::Windowed`] keeps them).
+    pub fn close(&self, key: &[u8], accs: &[window::Acc], start_ms: i64) -> Applied {
+        let w = self.window.as_ref().expect("a windowed rule");
+        let doc = w.document(key, accs, start_ms);
+        let ctx = Context {
+            topic: "",
+            client_id: None,
+            timestamp_ms: start_ms + w.window_ms,
+        };
+        project(&w.projection, &doc, &ctx)
     }
 
     /// The `FROM` filter: which topics the rule reads.
@@ -120,62 +170,70 @@ impl Rule {
                 },
             }
         }
+        if let Some(w) = &self.window {
+            return Applied::Selected(Some(w.input_row(doc, ctx)));
+        }
         if self.passthrough {
             return Applied::Selected(None);
         }
-        let out = match &self.statement.projection {
-            Projection::Value(e) => match eval::eval(e, doc, ctx) {
-                Value::Undefined => return Applied::Dropped,
-                v => v,
-            },
-            Projection::Items(items) => {
-                let mut fields: Vec<(Cow<str>, Value)> = Vec::new();
-                for item in items {
-                    match item {
-                        Item::Star => match doc {
-                            Value::Object(all) => {
-                                // Replace only what the items before `*` put (a handful): a
-                                // lookup per payload field would be quadratic in a payload
-                                // of thousands of keys.
-                                let before = fields.len();
-                                fields.reserve(all.len());
-                                for (k, v) in all {
-                                    match fields[..before].iter().position(|(f, _)| f == k) {
-                                        Some(i) => fields[i].1 = v.clone(),
-                                        None => fields.push((k.clone(), v.clone())),
-                                    }
+        project(&self.statement.projection, doc, ctx)
+    }
+}
+
+/// The SELECT list over a document.
+fn project<'a>(projection: &Projection, doc: &Value<'a>, ctx: &Context<'a>) -> Applied {
+    let out = match projection {
+        Projection::Value(e) => match eval::eval(e, doc, ctx) {
+            Value::Undefined => return Applied::Dropped,
+            v => v,
+        },
+        Projection::Items(items) => {
+            let mut fields: Vec<(Cow<str>, Value)> = Vec::new();
+            for item in items {
+                match item {
+                    Item::Star => match doc {
+                        Value::Object(all) => {
+                            // Replace only what the items before `*` put (a handful): a
+                            // lookup per payload field would be quadratic in a payload
+                            // of thousands of keys.
+                            let before = fields.len();
+                            fields.reserve(all.len());
+                            for (k, v) in all {
+                                match fields[..before].iter().position(|(f, _)| f == k) {
+                                    Some(i) => fields[i].1 = v.clone(),
+                                    None => fields.push((k.clone(), v.clone())),
                                 }
                             }
-                            Value::Undefined if items.len() == 1 => {
-                                return Applied::Selected(None);
-                            }
-                            other => {
-                                return Applied::Failed(format!(
-                                    "* of a payload that is {} cannot be combined with \
-                                     other items",
-                                    if *other == Value::Undefined {
-                                        "not JSON".to_string()
-                                    } else {
-                                        format!("a JSON {}", other.type_name())
-                                    }
-                                ));
-                            }
-                        },
-                        Item::Expr { expr, name } => {
-                            let v = eval::eval(expr, doc, ctx);
-                            let path: Vec<Cow<str>> =
-                                name.iter().map(|n| Cow::Borrowed(n.as_str())).collect();
-                            insert(&mut fields, &path, v);
                         }
+                        Value::Undefined if items.len() == 1 => {
+                            return Applied::Selected(None);
+                        }
+                        other => {
+                            return Applied::Failed(format!(
+                                "* of a payload that is {} cannot be combined with \
+                                 other items",
+                                if *other == Value::Undefined {
+                                    "not JSON".to_string()
+                                } else {
+                                    format!("a JSON {}", other.type_name())
+                                }
+                            ));
+                        }
+                    },
+                    Item::Expr { expr, name } => {
+                        let v = eval::eval(expr, doc, ctx);
+                        let path: Vec<Cow<str>> =
+                            name.iter().map(|n| Cow::Borrowed(n.as_str())).collect();
+                        insert(&mut fields, &path, v);
                     }
                 }
-                Value::Object(fields)
             }
-        };
-        match serde_json::to_vec(&out) {
-            Ok(bytes) => Applied::Selected(Some(bytes)),
-            Err(e) => Applied::Failed(format!("cannot write the result as JSON: {e}")),
+            Value::Object(fields)
         }
+    };
+    match serde_json::to_vec(&out) {
+        Ok(bytes) => Applied::Selected(Some(bytes)),
+        Err(e) => Applied::Failed(format!("cannot write the result as JSON: {e}")),
     }
 }
 

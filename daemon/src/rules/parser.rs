@@ -31,6 +31,8 @@ pub enum Expr {
         otherwise: Option<Box<Expr>>,
     },
     Call(Function, Vec<Expr>),
+    /// An aggregate over a window's messages (`count(*)` has no argument).
+    Aggregate(Aggregate, Option<Box<Expr>>),
     Cast(Box<Expr>, CastType),
     Array(Vec<Expr>),
     Object(Vec<(String, Expr)>),
@@ -51,6 +53,48 @@ pub enum BinOp {
     Mul,
     Div,
     Mod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+    First,
+    Last,
+    Stddev,
+}
+
+impl Aggregate {
+    pub const NAMES: [&'static str; 8] = [
+        "avg", "count", "first", "last", "max", "min", "stddev", "sum",
+    ];
+
+    fn named(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "count" => Aggregate::Count,
+            "sum" => Aggregate::Sum,
+            "avg" => Aggregate::Avg,
+            "min" => Aggregate::Min,
+            "max" => Aggregate::Max,
+            "first" => Aggregate::First,
+            "last" => Aggregate::Last,
+            "stddev" => Aggregate::Stddev,
+            _ => return None,
+        })
+    }
+}
+
+/// `GROUP BY key, ..., STEP(ROWTIME BY INTERVAL 'n' SECOND)`: a tumbling window of `window_ms`
+/// over arrival time (Kinesis Data Analytics' syntax), per distinct key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupBy {
+    pub keys: Vec<Expr>,
+    pub window_ms: i64,
+    /// Byte offset of `GROUP`, for errors about the grouping.
+    pub at: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +127,7 @@ pub struct Statement {
     /// Byte offset of the `FROM` string, for errors about the filter.
     pub from_at: usize,
     pub filter: Option<Expr>,
+    pub group_by: Option<GroupBy>,
 }
 
 pub fn parse(sql: &str) -> Result<Statement, SqlError> {
@@ -193,19 +238,88 @@ impl Parser<'_> {
         } else {
             None
         };
+        let group_by = if self.is_kw("GROUP") {
+            Some(self.group_by()?)
+        } else {
+            None
+        };
         if *self.peek() != Tok::End {
-            let what = if self.is_kw("GROUP") {
-                "GROUP BY (windowed aggregates) is not supported yet"
-            } else {
-                "expected the end of the statement"
-            };
-            return Err(self.unexpected(what));
+            return Err(self.unexpected("expected the end of the statement"));
         }
         Ok(Statement {
             projection,
             from,
             from_at,
             filter,
+            group_by,
+        })
+    }
+
+    fn group_by(&mut self) -> Result<GroupBy, SqlError> {
+        let at = self.at();
+        self.expect_kw("GROUP")?;
+        self.expect_kw("BY")?;
+        let mut keys = Vec::new();
+        let mut window_ms = None;
+        loop {
+            if self.is_kw("STEP") {
+                let step_at = self.at();
+                self.next();
+                if window_ms.is_some() {
+                    return Err(SqlError::at(step_at, "only one STEP window per rule"));
+                }
+                self.expect_sym("(")?;
+                self.expect_kw("ROWTIME")?;
+                self.expect_kw("BY")?;
+                self.expect_kw("INTERVAL")?;
+                let n_at = self.at();
+                let n = match self.next().tok {
+                    Tok::Str(n) | Tok::Number(n) => n,
+                    _ => {
+                        self.pos -= 1;
+                        return Err(self.unexpected("expected the interval, as in '60'"));
+                    }
+                };
+                let n: i64 = n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    SqlError::at(n_at, format!("'{n}' is not a whole number above 0"))
+                })?;
+                let unit_at = self.at();
+                let unit = self.name()?;
+                let unit_ms = match unit.to_ascii_uppercase().trim_end_matches('S') {
+                    "SECOND" => 1_000,
+                    "MINUTE" => 60_000,
+                    "HOUR" => 3_600_000,
+                    "DAY" => 86_400_000,
+                    _ => {
+                        return Err(SqlError::at(
+                            unit_at,
+                            format!("unknown unit {unit}: SECOND, MINUTE, HOUR or DAY"),
+                        ));
+                    }
+                };
+                let ms = n
+                    .checked_mul(unit_ms)
+                    .filter(|ms| *ms <= 7 * 86_400_000)
+                    .ok_or_else(|| SqlError::at(n_at, "a window is at most 7 days long"))?;
+                self.expect_sym(")")?;
+                window_ms = Some(ms);
+            } else {
+                keys.push(self.expr()?);
+            }
+            if !self.eat_sym(",") {
+                break;
+            }
+        }
+        let window_ms = window_ms.ok_or_else(|| {
+            SqlError::at(
+                at,
+                "GROUP BY needs a window: STEP(ROWTIME BY INTERVAL '60' SECOND)",
+            )
+        })?;
+        Ok(GroupBy {
+            keys,
+            window_ms,
+            at,
         })
     }
 
@@ -509,12 +623,22 @@ impl Parser<'_> {
             self.expect_sym(")")?;
             return Ok(Expr::Cast(Box::new(e), ty));
         }
+        if let Some(agg) = Aggregate::named(name) {
+            let arg = if agg == Aggregate::Count && self.eat_sym("*") {
+                None
+            } else {
+                Some(Box::new(self.expr()?))
+            };
+            self.expect_sym(")")?;
+            return Ok(Expr::Aggregate(agg, arg));
+        }
         let f = Function::named(name).ok_or_else(|| {
             SqlError::at(
                 at,
                 format!(
-                    "unknown function {name}(); supported: {}",
-                    Function::NAMES.join(", ")
+                    "unknown function {name}(); supported: {}, and the aggregates {}",
+                    Function::NAMES.join(", "),
+                    Aggregate::NAMES.join(", ")
                 ),
             )
         })?;

@@ -330,3 +330,97 @@ fn the_error_message_has_iot_cores_error_action_shape() {
     assert_eq!(m["failures"][0]["errorMessage"], "WHERE gave Int 1");
     assert!(m["cloudwatchTraceId"].as_str().is_some());
 }
+
+/// Feeds payloads through a windowed rule as the window stage would (input rows per message,
+/// accumulated per group) and closes the window.
+fn window(sql: &str, payloads: &[&str]) -> Vec<Json> {
+    let rule = Rule::parse(sql).unwrap();
+    let w = rule.window().unwrap();
+    let mut groups: Vec<(Vec<u8>, Vec<window::Acc>)> = Vec::new();
+    for p in payloads {
+        let Applied::Selected(Some(row)) = apply(&rule, p.as_bytes()) else {
+            continue;
+        };
+        let (key, args) = w.parse_row(&row).unwrap();
+        let slot = match groups.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                groups.push((key, w.accumulators()));
+                groups.len() - 1
+            }
+        };
+        for (acc, arg) in groups[slot].1.iter_mut().zip(&args) {
+            acc.add(arg);
+        }
+    }
+    groups
+        .iter()
+        .map(|(k, accs)| match rule.close(k, accs, 60_000) {
+            Applied::Selected(Some(out)) => serde_json::from_slice(&out).unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn windows_group_and_aggregate() {
+    let sql = "SELECT topic(2) AS device, count(*) AS n, count(t) AS with_t, sum(t) AS sum, \
+               avg(t) AS avg, min(t) AS min, max(t) AS max, first(t) AS first, last(t) AS last, \
+               round(stddev(t) * 1000) AS sd_milli, window_start() AS start, window_end() AS end \
+               FROM 'sensors/+/telemetry' \
+               GROUP BY topic(2), STEP(ROWTIME BY INTERVAL '60' SECOND)";
+    let out = window(
+        sql,
+        &[
+            r#"{"t":2}"#,
+            r#"{"t":4}"#,
+            r#"{"t":"9"}"#,
+            r#"{"x":true}"#,
+            r#"{"t":1.5}"#,
+        ],
+    );
+    assert_eq!(
+        out,
+        [json!({
+            "device": "dev-7", "n": 5, "with_t": 4, "sum": 16.5, "avg": 4.125, "min": 1.5,
+            "max": "9", "first": 2, "last": 1.5, "sd_milli": 3425, "start": 60_000, "end": 120_000
+        })]
+    );
+    // Groups by a field; a group key may be reshaped; an aggregate inside an expression.
+    let out = window(
+        "SELECT lower(site) AS site, round(avg(t)) AS t FROM '#' \
+         GROUP BY lower(site), STEP(ROWTIME BY INTERVAL '1' MINUTE)",
+        &[
+            r#"{"site":"A","t":1}"#,
+            r#"{"site":"b","t":10}"#,
+            r#"{"site":"a","t":2}"#,
+        ],
+    );
+    assert_eq!(out, [json!({"site":"a","t":2}), json!({"site":"b","t":10})]);
+    // No key: one group. sum of Ints stays an Int; of nothing, Undefined.
+    let out = window(
+        "SELECT count(*) AS n, sum(t) AS s, sum(nosuch) AS none FROM '#' GROUP BY STEP(ROWTIME BY INTERVAL '10' SECOND)",
+        &[r#"{"t":1}"#, r#"{"t":2}"#],
+    );
+    assert_eq!(out, [json!({"n":2,"s":3})]);
+}
+
+#[test]
+fn windowed_rules_are_checked() {
+    let e = |sql: &str| Rule::parse(sql).unwrap_err().message;
+    let step = "STEP(ROWTIME BY INTERVAL '60' SECOND)";
+    assert!(
+        e(&format!("SELECT t FROM '#' GROUP BY d, {step}")).contains("t is neither in GROUP BY")
+    );
+    assert!(e(&format!("SELECT * FROM '#' GROUP BY d, {step}")).contains("not *"));
+    assert!(e(&format!(
+        "SELECT topic(2) AS d, count(*) FROM '#' GROUP BY d, {step}"
+    ))
+    .contains("topic() has no single value"));
+    assert!(e(&format!(
+        "SELECT count(*) FROM '#' WHERE count(*) > 1 GROUP BY {step}"
+    ))
+    .contains("WHERE"));
+    assert!(e(&format!("SELECT sum(avg(t)) FROM '#' GROUP BY {step}")).contains("nested"));
+    assert!(e("SELECT avg(t) FROM '#'").contains("need a window"));
+}
