@@ -6,6 +6,8 @@
 //!    and are checked and routed ([`routing`]) into [`message::Envelope`]s.
 //! 2. [`buffer`]: one writer thread group-commits envelopes to SQLite (WAL) and only then
 //!    completes their acks. This commit is the one durability point.
+//!    [`windows`]: windowed rules aggregate their committed input rows and commit each closed
+//!    window's rows back into the buffer, with their position, in one transaction.
 //! 3. [`batching`]: one task per destination applies Firehose's buffering hints over the
 //!    committed records and assembles each batch, with Firehose's object keys.
 //! 4. [`sinks`]: a batch is put under its key (`file`: a local S3-layout directory; `s3`), or its
@@ -27,6 +29,8 @@ pub mod routing;
 pub mod rules;
 
 pub mod buffer;
+
+pub mod windows;
 
 pub mod batching;
 
@@ -124,6 +128,28 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
             .run(),
         );
     }
+    // One window stage per windowed rule, between the buffer and the destinations.
+    let mut window_stages = JoinSet::new();
+    for w in &buffer.windows {
+        let stream = &config.streams[w.stream];
+        let input = stream
+            .window_input
+            .expect("a windowed stream has an input stream");
+        window_stages.spawn(
+            windows::WindowStage {
+                state: w.clone(),
+                stream_name: stream.name.clone(),
+                rule: stream.rule.clone().expect("a windowed stream has a rule"),
+                input_stream_id: buffer.stream_ids[input],
+                allowed_lateness: stream.allowed_lateness,
+                buffer_path: buffer.path.clone(),
+                ingest: buffer.ingest.clone(),
+                committed: buffer.committed.clone(),
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        );
+    }
     // The watchdog holds the control channel weakly: its pings must not keep the writer alive.
     // The front door holds it until it has saved its sessions at shutdown.
     let watchdog_control = buffer.control.downgrade();
@@ -211,6 +237,9 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
 
     let finish = async {
         let _ = ingress.await;
+        // Window stages stop at once (their open windows are rebuilt from the buffer at the
+        // next start); then the writer's ingest closes and destinations flush.
+        while window_stages.join_next().await.is_some() {}
         while destinations.join_next().await.is_some() {}
         let writer = buffer.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;

@@ -81,4 +81,28 @@ impl fmt::Debug for Ack {
 pub struct Envelope {
     pub records: Result<Vec<NewRecord>, Reject>,
     pub ack: Ack,
+    /// From the window stage: its position and emitted windows, committed in the same
+    /// transaction as the records (the closed windows' rows), so that a window is emitted
+    /// exactly once whatever crashes.
+    pub window: Option<WindowCommit>,
+}
+
+impl Envelope {
+    pub fn new(records: Result<Vec<NewRecord>, Reject>, ack: Ack) -> Self {
+        Self {
+            records,
+            ack,
+            window: None,
+        }
+    }
+}
+
+/// A window stage's progress: its buffer position (every input row up to `position` is in an
+/// emitted window or none) and the end of the last window it emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowCommit {
+    /// The stage's slot among the writer's positions (after the destinations').
+    pub slot: usize,
+    pub position: i64,
+    pub emitted_through_ms: i64,
 }

@@ -6,6 +6,10 @@ use metrics::{describe_counter, describe_gauge, Unit};
 pub const RECEIVED: &str = "edgehose_messages_received_total";
 pub const RULE_DROPPED: &str = "edgehose_rule_dropped_total";
 pub const RULE_FAILED: &str = "edgehose_rule_failures_total";
+pub const WINDOWS_EMITTED: &str = "edgehose_windows_emitted_total";
+pub const WINDOWS_OPEN: &str = "edgehose_windows_open";
+pub const WINDOW_LATE: &str = "edgehose_window_late_records_total";
+pub const WINDOW_BAD_ROWS: &str = "edgehose_window_unreadable_rows_total";
 pub const CLOCK_STEPS: &str = "edgehose_clock_steps_total";
 pub const CONNECTIONS: &str = "edgehose_connections_total";
 pub const LOCAL_FANOUT_DROPPED: &str = "edgehose_local_fanout_dropped_total";
@@ -52,6 +56,16 @@ pub fn describe() {
     describe_counter!(
         RULE_DROPPED,
         "Messages a stream's rule did not select (WHERE false, Null or Undefined)"
+    );
+    describe_counter!(WINDOWS_EMITTED, "Windows a windowed rule closed and stored");
+    describe_gauge!(WINDOWS_OPEN, "Windows a windowed rule holds open");
+    describe_counter!(
+        WINDOW_LATE,
+        "Input rows stamped inside a window already emitted (left out)"
+    );
+    describe_counter!(
+        WINDOW_BAD_ROWS,
+        "Input rows a windowed rule cannot read (stored by an earlier version of the rule)"
     );
     describe_counter!(
         RULE_FAILED,

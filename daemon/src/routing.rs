@@ -137,7 +137,8 @@ impl Router {
             let parsed = doc.as_ref().and_then(|d| d.as_ref());
             match rule.apply(parsed.unwrap_or(&Value::Undefined), &ctx) {
                 Applied::Selected(out) => routes.push(Route {
-                    stream: index,
+                    // A windowed rule's record is an input row for its window stage.
+                    stream: stream.window_input.unwrap_or(index),
                     partition_key: stream.partition_key.render(topic, client_id, arrival_ms),
                     payload: out,
                 }),
@@ -220,6 +221,8 @@ mod tests {
             payload_format: format,
             rule: None,
             error_stream: None,
+            window_input: None,
+            allowed_lateness: std::time::Duration::ZERO,
         };
         Router::new(
             vec![
@@ -260,6 +263,8 @@ mod tests {
             payload_format: PayloadFormat::Json,
             rule: rule.map(|r| std::sync::Arc::new(crate::rules::Rule::parse(r).unwrap())),
             error_stream,
+            window_input: None,
+            allowed_lateness: std::time::Duration::ZERO,
         };
         let r = Router::new(
             vec![

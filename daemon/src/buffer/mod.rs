@@ -44,6 +44,27 @@ pub struct Buffer {
     pub health: crate::health::Health,
     /// The front door's persistent sessions and retained messages, as the last run left them.
     pub sessions: sessions::Saved,
+    /// Per windowed stream (config order): where its window stage left off.
+    pub windows: Vec<WindowState>,
+}
+
+/// A window stage's durable state at start.
+#[derive(Debug, Clone)]
+pub struct WindowState {
+    /// The windowed stream's index.
+    pub stream: usize,
+    /// Its slot among the writer's positions.
+    pub slot: usize,
+    pub name: String,
+    /// Every input row up to here is in an emitted window.
+    pub position: i64,
+    /// The end of the last window emitted.
+    pub emitted_through_ms: i64,
+}
+
+/// The position a window stage keeps in the buffer, beside the destinations'.
+pub fn window_slot_name(stream: &str) -> String {
+    format!("window:{stream}")
 }
 
 /// Opens the buffer file and starts its writer.
@@ -65,7 +86,16 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
             "stream is no longer configured: records of it still buffered will not be delivered"
         );
     }
-    let dest_names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    let window_streams: Vec<usize> = (0..config.streams.len())
+        .filter(|&i| config.streams[i].window_input.is_some())
+        .collect();
+    let window_names: Vec<String> = window_streams
+        .iter()
+        .map(|&i| window_slot_name(&config.streams[i].name))
+        .collect();
+    let mut dest_names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    dest_names.extend(window_names.iter().cloned());
+    store::forget_windows_except(&conn, &window_names)?;
     if store::forget_destinations_except(&conn, &dest_names)? > 0 {
         info!("forgot the delivery positions of destinations no longer configured");
     }
@@ -78,6 +108,23 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
             delivered_id: state.delivered_id,
         });
         states.push(state);
+    }
+    let mut windows = Vec::new();
+    for (&stream, name) in window_streams.iter().zip(&window_names) {
+        // A changed rule keeps the position: rows of the old rule that no longer parse are
+        // skipped and counted.
+        let state = store::destination_state(&conn, name, "window")?;
+        windows.push(WindowState {
+            stream,
+            slot: slots.len(),
+            name: name.clone(),
+            position: state.delivered_id,
+            emitted_through_ms: store::window_emitted(&conn, name)?,
+        });
+        slots.push(DestinationSlot {
+            name: name.clone(),
+            delivered_id: state.delivered_id,
+        });
     }
     // A table of sessions that cannot be read costs the sessions, not the buffer.
     let saved_sessions = sessions::load(&conn).unwrap_or_else(|e| {
@@ -111,6 +158,7 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         writer,
         health,
         sessions: saved_sessions,
+        windows,
     })
 }
 
@@ -170,10 +218,7 @@ mod tests {
 
     fn envelope(log: &Log, n: usize, records: Result<Vec<NewRecord>, Reject>) -> Envelope {
         let log = Arc::clone(log);
-        Envelope {
-            records,
-            ack: Ack::new(move |o| log.lock().unwrap().push((n, o))),
-        }
+        Envelope::new(records, Ack::new(move |o| log.lock().unwrap().push((n, o))))
     }
 
     async fn delivered(b: &Buffer, dest: usize, last_id: i64) {

@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS destinations (
     intent_last  INTEGER,
     intent_key   TEXT
 );
+CREATE TABLE IF NOT EXISTS windows (
+    name               TEXT PRIMARY KEY,
+    emitted_through_ms INTEGER NOT NULL
+);
 ";
 
 /// SQLite's page cache per connection, in KiB (negative `cache_size` means KiB).
@@ -197,6 +201,39 @@ pub fn forget_destinations_except(conn: &Connection, keep: &[String]) -> rusqlit
         n += conn.execute("DELETE FROM destinations WHERE name = ?1", params![name])?;
     }
     Ok(n)
+}
+
+/// The end of the last window a window stage emitted (0: none yet).
+pub fn window_emitted(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
+    Ok(conn
+        .query_row(
+            "SELECT emitted_through_ms FROM windows WHERE name = ?1",
+            params![name],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+pub fn set_window_emitted(conn: &Connection, name: &str, through_ms: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO windows(name, emitted_through_ms) VALUES (?1, ?2)
+         ON CONFLICT(name) DO UPDATE SET emitted_through_ms = excluded.emitted_through_ms",
+        params![name, through_ms],
+    )?;
+    Ok(())
+}
+
+/// Window stages the config no longer has: their state goes with their positions.
+pub fn forget_windows_except(conn: &Connection, keep: &[String]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM windows")?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for name in names.iter().filter(|n| !keep.contains(n)) {
+        conn.execute("DELETE FROM windows WHERE name = ?1", params![name])?;
+    }
+    Ok(())
 }
 
 pub fn set_intent(conn: &Connection, name: &str, last: i64, key: &str) -> rusqlite::Result<()> {

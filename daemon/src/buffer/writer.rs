@@ -311,6 +311,7 @@ impl Writer {
             txn_bytes: 0,
             pending: Vec::new(),
             dropped: 0,
+            window_moves: Vec::new(),
         };
         let saved_segments = self.segments.clone();
         let saved_active_bytes = self.active_bytes;
@@ -383,6 +384,9 @@ impl Writer {
         self.linger.observe(close, count);
         match result {
             Ok(()) => {
+                for (slot, position) in g.window_moves.drain(..) {
+                    self.destinations[slot].delivered_id = position;
+                }
                 let records: u64 = g.added_records.iter().sum();
                 metrics::counter!(m::COMMITTED).increment(records);
                 metrics::counter!(m::COMMITS).increment(1);
@@ -502,6 +506,13 @@ impl Writer {
             g.added_bytes[r.stream] += r.payload.len() as u64;
         }
         g.txn_bytes += need;
+        if let Some(w) = env.window {
+            // The window stage's progress, in the transaction of the rows it emitted.
+            let name = &self.destinations[w.slot].name;
+            store::set_delivered(&self.conn, name, w.position)?;
+            store::set_window_emitted(&self.conn, name, w.emitted_through_ms)?;
+            g.window_moves.push((w.slot, w.position));
+        }
         g.pending.push(Pending {
             ack: env.ack,
             outcome: Outcome::Committed,
@@ -718,6 +729,8 @@ struct Group {
     txn_bytes: u64,
     pending: Vec<Pending>,
     dropped: u64,
+    /// Window stages' positions this transaction moves (applied once it commits).
+    window_moves: Vec<(usize, i64)>,
 }
 
 fn need(env: &Envelope) -> u64 {

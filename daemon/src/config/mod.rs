@@ -165,6 +165,8 @@ struct RawStream {
     topics: Vec<String>,
     sql: Option<String>,
     error_stream: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    allowed_lateness: Option<Duration>,
     destinations: Vec<String>,
     partition_key: Option<String>,
     payload_format: Option<String>,
@@ -299,6 +301,20 @@ pub struct StreamConfig {
     /// `error_stream`: the stream (by index) that gets IoT Core's error-action message for each
     /// message the rule failed on; None: such a message is refused.
     pub error_stream: Option<usize>,
+    /// A windowed rule's stream: the (hidden) stream, by index, that holds its input rows; this
+    /// stream gets the closed windows' rows.
+    pub window_input: Option<usize>,
+    /// A windowed rule's `allowed_lateness`: how long after its end a window waits for records
+    /// stamped inside it before it is emitted.
+    pub allowed_lateness: Duration,
+}
+
+/// How long a window waits past its end by default (see `allowed_lateness`).
+pub const DEFAULT_ALLOWED_LATENESS: Duration = Duration::from_secs(2);
+
+/// The name of a windowed stream's input stream (a colon: no configured name has one).
+pub fn window_input_name(stream: &str) -> String {
+    format!("window:{stream}")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,6 +460,20 @@ impl RawConfig {
                     ("binary", PayloadFormat::Binary),
                 ],
             )?;
+            if raw.allowed_lateness.is_some() && rule.as_ref().is_none_or(|r| r.window().is_none())
+            {
+                return Err(ConfigError::new(
+                    format!("{key}.allowed_lateness"),
+                    "only a windowed rule (GROUP BY ..., STEP(...)) has windows to wait for",
+                ));
+            }
+            let allowed_lateness = raw.allowed_lateness.unwrap_or(DEFAULT_ALLOWED_LATENESS);
+            if allowed_lateness > Duration::from_secs(3600) {
+                return Err(ConfigError::new(
+                    format!("{key}.allowed_lateness"),
+                    "at most 1h",
+                ));
+            }
             streams.push(StreamConfig {
                 name,
                 topics,
@@ -452,6 +482,8 @@ impl RawConfig {
                 payload_format,
                 rule,
                 error_stream: None,
+                window_input: None,
+                allowed_lateness,
             });
             error_streams.push(raw.error_stream);
         }
@@ -480,8 +512,35 @@ impl RawConfig {
             }
             streams[i].error_stream = Some(j);
         }
+        // Every windowed rule gets a stream of its own for its input rows, after the
+        // configured ones (stream indexes of the config stay as they were).
+        for i in 0..streams.len() {
+            if streams[i]
+                .rule
+                .as_ref()
+                .is_some_and(|r| r.window().is_some())
+            {
+                let input = StreamConfig {
+                    name: window_input_name(&streams[i].name),
+                    topics: Vec::new(),
+                    destinations: Vec::new(),
+                    partition_key: streams[i].partition_key.clone(),
+                    payload_format: PayloadFormat::Binary,
+                    rule: None,
+                    error_stream: None,
+                    window_input: None,
+                    allowed_lateness: Duration::ZERO,
+                };
+                streams[i].window_input = Some(streams.len());
+                streams.push(input);
+            }
+        }
         for (i, s) in streams.iter().enumerate() {
-            if s.topics.is_empty() && !streams.iter().any(|o| o.error_stream == Some(i)) {
+            if s.topics.is_empty()
+                && !streams
+                    .iter()
+                    .any(|o| o.error_stream == Some(i) || o.window_input == Some(i))
+            {
                 return Err(ConfigError::new(
                     format!("streams.{}.topics", s.name),
                     "at least one topic filter (or an sql rule) is required, unless the \

@@ -46,7 +46,7 @@ pub fn admit(
     if let Err(reason) = &records {
         log_rejection(reason.label(), topic, payload.len());
     }
-    Envelope { records, ack }
+    Envelope::new(records, ack)
 }
 
 /// Logs a refused message at WARN at most once a second; the metric counts every one.

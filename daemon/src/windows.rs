@@ -1,0 +1,294 @@
+//! The window stage (the Kinesis Data Analytics role): one task per windowed rule. It reads the
+//! rule's input rows from the buffer once they are committed, keeps the open windows (tumbling,
+//! by arrival time) in memory, and when a window closes writes one row per group to the rule's
+//! stream, which routes to destinations like any other.
+//!
+//! Crash safety comes from the buffer, not from this task's memory: the input rows are records
+//! the buffer holds until the stage's position passes them, and the stage commits a closed
+//! window's rows *in the same transaction* as its new position and the end of the last window
+//! it emitted ([`WindowCommit`]). After a kill -9 it starts again from that position, rebuilds
+//! the open windows from the rows after it, and skips rows of windows already emitted: every
+//! window is emitted exactly once, with the values it would have had without the crash.
+//!
+//! A window closes when the wall clock passes its end plus `allowed_lateness` and every row
+//! committed by then has been read. A row stamped inside a window already emitted (a clock
+//! stepped back, a commit later than the lateness) is counted as late and left out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::buffer::{store, Committed, WindowState};
+use crate::clock::now_ms;
+use crate::message::{Ack, Envelope, NewRecord, Outcome, WindowCommit};
+use crate::metrics as m;
+use crate::rules::window::Acc;
+use crate::rules::{Applied, Rule};
+use crate::shutdown::Shutdown;
+
+/// Rows read from the buffer at a time.
+const READ_CHUNK: usize = 20_000;
+
+pub struct WindowStage {
+    pub state: WindowState,
+    /// The windowed stream's name (metric labels, logs).
+    pub stream_name: String,
+    pub rule: Arc<Rule>,
+    /// The input stream's id in the file.
+    pub input_stream_id: i64,
+    pub allowed_lateness: Duration,
+    pub buffer_path: PathBuf,
+    pub ingest: mpsc::Sender<Envelope>,
+    pub committed: watch::Receiver<Committed>,
+    pub shutdown: Shutdown,
+}
+
+/// One group of an open window.
+struct Group {
+    accs: Vec<Acc>,
+    /// The partition key of the group's first row (its rows share the rule's key template).
+    partition_key: String,
+}
+
+#[derive(Default)]
+struct Window {
+    groups: HashMap<Vec<u8>, Group>,
+    /// First-seen order of the groups, so that a window's rows come out in a stable order.
+    order: Vec<Vec<u8>>,
+    /// The smallest input row id in the window: the position cannot pass it before emission.
+    min_id: i64,
+}
+
+/// One input row read back.
+struct Row {
+    id: i64,
+    arrival_ms: i64,
+    partition_key: String,
+    payload: Vec<u8>,
+}
+
+impl WindowStage {
+    pub async fn run(self) {
+        let WindowStage {
+            state,
+            stream_name: label,
+            rule,
+            input_stream_id,
+            allowed_lateness,
+            buffer_path,
+            ingest,
+            mut committed,
+            mut shutdown,
+        } = self;
+        let w = rule.window().expect("a windowed rule").clone();
+        let len = w.window_ms;
+        let lateness = allowed_lateness.as_millis() as i64;
+        let late = metrics::counter!(m::WINDOW_LATE, "stream" => label.clone());
+        let skipped = metrics::counter!(m::WINDOW_BAD_ROWS, "stream" => label.clone());
+        let emitted = metrics::counter!(m::WINDOWS_EMITTED, "stream" => label.clone());
+        let open_gauge = metrics::gauge!(m::WINDOWS_OPEN, "stream" => label.clone());
+        let mut open: BTreeMap<i64, Window> = BTreeMap::new();
+        let mut position = state.position;
+        let mut emitted_through = state.emitted_through_ms;
+        let mut read_upto = position;
+        let mut conn: Option<Connection> = None;
+        let mut backoff = Duration::from_millis(100);
+        info!(stream = %label, position, emitted_through_ms = emitted_through, "window stage starting");
+        loop {
+            if shutdown.is_begun() {
+                break;
+            }
+            // 1. Read every input row committed so far.
+            let last = committed.borrow().last_id;
+            if last > read_upto {
+                let path = buffer_path.clone();
+                let stream = input_stream_id;
+                let mut c = conn.take();
+                let after = read_upto;
+                let read = tokio::task::spawn_blocking(move || {
+                    let result = (|| {
+                        let c = match &mut c {
+                            Some(c) => c,
+                            None => c.insert(store::open_reader(&path)?),
+                        };
+                        let mut rows = Vec::new();
+                        store::scan(c, &[stream], after, Some(last), |r| {
+                            rows.push(Row {
+                                id: r.id,
+                                arrival_ms: r.arrival_ms,
+                                partition_key: r.partition_key.to_string(),
+                                payload: r.payload.to_vec(),
+                            });
+                            if rows.len() >= READ_CHUNK {
+                                ControlFlow::Break(())
+                            } else {
+                                ControlFlow::Continue(())
+                            }
+                        })?;
+                        Ok::<_, rusqlite::Error>(rows)
+                    })();
+                    (c, result)
+                })
+                .await;
+                let rows = match read {
+                    Ok((c, Ok(rows))) => {
+                        conn = c;
+                        backoff = Duration::from_millis(100);
+                        rows
+                    }
+                    Ok((_, Err(e))) => {
+                        // A failed read never moves the position: retried from the same place.
+                        warn!(stream = %label, error = %e, "window stage: cannot read its input rows; retrying");
+                        pause(&mut shutdown, backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                    Err(e) => {
+                        error!(stream = %label, error = %e, "window stage: the read task failed");
+                        pause(&mut shutdown, backoff).await;
+                        continue;
+                    }
+                };
+                let full = rows.len() >= READ_CHUNK;
+                for row in rows {
+                    read_upto = row.id;
+                    let start = row.arrival_ms.div_euclid(len) * len;
+                    if start + len <= emitted_through {
+                        late.increment(1);
+                        continue;
+                    }
+                    let Some((key, args)) = w.parse_row(&row.payload) else {
+                        skipped.increment(1);
+                        continue;
+                    };
+                    let window = open.entry(start).or_insert_with(|| Window {
+                        min_id: row.id,
+                        ..Window::default()
+                    });
+                    window.min_id = window.min_id.min(row.id);
+                    let group = match window.groups.get_mut(&key) {
+                        Some(g) => g,
+                        None => {
+                            window.order.push(key.clone());
+                            window.groups.entry(key).or_insert(Group {
+                                accs: w.accumulators(),
+                                partition_key: row.partition_key,
+                            })
+                        }
+                    };
+                    for (acc, arg) in group.accs.iter_mut().zip(&args) {
+                        acc.add(arg);
+                    }
+                }
+                if full {
+                    continue;
+                }
+                read_upto = read_upto.max(last);
+                open_gauge.set(open.len() as f64);
+            }
+
+            // 2. Emit the windows that have closed (only once caught up: rows committed
+            // meanwhile are read first).
+            let now = now_ms();
+            let closable: Vec<i64> = open
+                .keys()
+                .copied()
+                .take_while(|start| start + len + lateness <= now)
+                .collect();
+            if !closable.is_empty() && committed.borrow().last_id <= read_upto {
+                let mut records = Vec::new();
+                for start in &closable {
+                    let window = &open[start];
+                    for key in &window.order {
+                        let group = &window.groups[key];
+                        match rule.close(key, &group.accs, *start) {
+                            Applied::Selected(Some(payload)) => records.push(NewRecord {
+                                stream: state.stream,
+                                arrival_ms: start + len,
+                                partition_key: group.partition_key.clone(),
+                                payload: payload.into(),
+                            }),
+                            Applied::Selected(None) | Applied::Dropped => {}
+                            Applied::Failed(e) => {
+                                warn!(stream = %label, window_start_ms = start, error = %e, "a closed window's row could not be made");
+                            }
+                        }
+                    }
+                }
+                let through = closable.last().expect("not empty") + len;
+                let remaining_min = open
+                    .iter()
+                    .filter(|(s, _)| !closable.contains(s))
+                    .map(|(_, w)| w.min_id)
+                    .min();
+                let new_position = remaining_min.map_or(read_upto, |m| m - 1).max(position);
+                let (tx, rx) = oneshot::channel();
+                let env = Envelope {
+                    records: Ok(records),
+                    ack: Ack::new(move |o| {
+                        let _ = tx.send(o);
+                    }),
+                    window: Some(WindowCommit {
+                        slot: state.slot,
+                        position: new_position,
+                        emitted_through_ms: through,
+                    }),
+                };
+                if ingest.send(env).await.is_err() {
+                    break;
+                }
+                match rx.await {
+                    Ok(Outcome::Committed) => {
+                        for start in &closable {
+                            open.remove(start);
+                        }
+                        emitted.increment(closable.len() as u64);
+                        position = new_position;
+                        emitted_through = through;
+                        open_gauge.set(open.len() as f64);
+                        backoff = Duration::from_millis(100);
+                    }
+                    other => {
+                        warn!(stream = %label, outcome = ?other, "window stage: the closed windows were not stored; retrying");
+                        pause(&mut shutdown, backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                continue;
+            }
+
+            // 3. Wait for new rows, the next window's close, or shutdown.
+            let next_close = open.keys().next().map(|s| s + len + lateness);
+            let wait = match next_close {
+                Some(t) => Duration::from_millis((t - now).clamp(1, 60_000) as u64),
+                None => Duration::from_secs(60),
+            };
+            let last_seen = read_upto;
+            let closed = tokio::select! {
+                _ = shutdown.wait() => true,
+                _ = tokio::time::sleep(wait) => false,
+                r = committed.wait_for(|c| c.last_id > last_seen || c.ingest_closed) => {
+                    r.map_or(true, |c| c.ingest_closed && c.last_id <= last_seen)
+                }
+            };
+            if closed {
+                break;
+            }
+        }
+        info!(stream = %label, open = open.len(), "window stage stopped; open windows are rebuilt from the buffer at the next start");
+    }
+}
+
+/// Sleeps `d`, or less if shutdown begins.
+async fn pause(shutdown: &mut Shutdown, d: Duration) {
+    tokio::select! {
+        _ = shutdown.wait() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
