@@ -8,6 +8,7 @@ pub const RULE_DROPPED: &str = "edgehose_rule_dropped_total";
 pub const RULE_FAILED: &str = "edgehose_rule_failures_total";
 pub const WINDOWS_EMITTED: &str = "edgehose_windows_emitted_total";
 pub const WINDOWS_OPEN: &str = "edgehose_windows_open";
+pub const WINDOWS_INCOMPLETE: &str = "edgehose_window_rows_inputs_dropped_total";
 pub const WINDOW_LATE: &str = "edgehose_window_late_records_total";
 pub const WINDOW_BAD_ROWS: &str = "edgehose_window_unreadable_rows_total";
 pub const CLOCK_STEPS: &str = "edgehose_clock_steps_total";
@@ -59,6 +60,10 @@ pub fn describe() {
     );
     describe_counter!(WINDOWS_EMITTED, "Windows a windowed rule closed and stored");
     describe_gauge!(WINDOWS_OPEN, "Windows a windowed rule holds open");
+    describe_counter!(
+        WINDOWS_INCOMPLETE,
+        "Window rows marked inputs_dropped: the full buffer (drop_oldest) removed input rows first"
+    );
     describe_counter!(
         WINDOW_LATE,
         "Input rows stamped inside a window already emitted (left out)"

@@ -93,10 +93,13 @@ impl WindowStage {
         let skipped = metrics::counter!(m::WINDOW_BAD_ROWS, "stream" => label.clone());
         let emitted = metrics::counter!(m::WINDOWS_EMITTED, "stream" => label.clone());
         let open_gauge = metrics::gauge!(m::WINDOWS_OPEN, "stream" => label.clone());
+        let incomplete = metrics::counter!(m::WINDOWS_INCOMPLETE, "stream" => label.clone());
         let mut open: BTreeMap<i64, Window> = BTreeMap::new();
         let mut position = state.position;
         let mut emitted_through = state.emitted_through_ms;
         let mut read_upto = position;
+        // Windows starting before this may lack rows `drop_oldest` removed.
+        let mut incomplete_before = i64::MIN;
         let mut conn: Option<Connection> = None;
         let mut backoff = Duration::from_millis(100);
         info!(stream = %label, position, emitted_through_ms = emitted_through, "window stage starting");
@@ -117,6 +120,11 @@ impl WindowStage {
                             Some(c) => c,
                             None => c.insert(store::open_reader(&path)?),
                         };
+                        // Records after the position gone from the buffer: `drop_oldest`
+                        // removed a segment the stage still needed.
+                        let gap = store::segments(c)?
+                            .first()
+                            .is_some_and(|s| s.first_id > after + 1);
                         let mut rows = Vec::new();
                         store::scan(c, &[stream], after, Some(last), |r| {
                             rows.push(Row {
@@ -131,13 +139,20 @@ impl WindowStage {
                                 ControlFlow::Continue(())
                             }
                         })?;
-                        Ok::<_, rusqlite::Error>(rows)
+                        Ok::<_, rusqlite::Error>((gap, rows))
                     })();
                     (c, result)
                 })
                 .await;
                 let rows = match read {
-                    Ok((c, Ok(rows))) => {
+                    Ok((c, Ok((gap, rows)))) => {
+                        if gap {
+                            // Every window that may hold a row of the removed range says so:
+                            // those open now and those starting before the first row after it.
+                            let horizon = rows.first().map_or_else(now_ms, |r| r.arrival_ms);
+                            incomplete_before = incomplete_before.max(horizon);
+                            warn!(stream = %label, "window stage: input rows were dropped from the full buffer (drop_oldest) before they were aggregated; the windows they belonged to are marked inputs_dropped");
+                        }
                         conn = c;
                         backoff = Duration::from_millis(100);
                         rows
@@ -207,7 +222,11 @@ impl WindowStage {
                     let window = &open[start];
                     for key in &window.order {
                         let group = &window.groups[key];
-                        match rule.close(key, &group.accs, *start) {
+                        let dropped = *start < incomplete_before;
+                        if dropped {
+                            incomplete.increment(1);
+                        }
+                        match rule.close(key, &group.accs, *start, dropped) {
                             Applied::Selected(Some(payload)) => records.push(NewRecord {
                                 stream: state.stream,
                                 arrival_ms: start + len,

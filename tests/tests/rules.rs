@@ -271,3 +271,60 @@ buffer_interval = "1s"
     assert!(gw.metric("edgehose_windows_emitted_total{stream=\"per_device\"}") > 0.0);
     assert!(gw.terminate().unwrap().success());
 }
+
+/// A full buffer under `drop_oldest` removes the oldest input rows of an open window while the
+/// gateway is down; the window, rebuilt after the restart from what is left, says so.
+#[test]
+fn a_window_whose_inputs_drop_oldest_removed_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        max_size: "1MiB",
+        when_full: "drop_oldest",
+        // The raw stream's destination holds everything: the buffer fills.
+        buffer_interval: "900s",
+        buffer_size: "128MiB",
+        extra: format!(
+            r#"
+[streams.per_device]
+sql = "SELECT topic(2) AS device, count(*) AS n FROM 'sensors/+/telemetry' GROUP BY topic(2), STEP(ROWTIME BY INTERVAL '20' SECOND)"
+allowed_lateness = "0s"
+destinations = ["agg"]
+
+[destinations.agg]
+type = "file"
+root = "{}"
+bucket = "windows"
+buffer_interval = "1s"
+"#,
+            dir.path().join("out").display()
+        ),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    // Publish early in a 20 s window, so that the burst (a second or two) stays inside it.
+    wait_until(
+        Duration::from_secs(30),
+        "the first half of a window",
+        || epoch_ms() % 20_000 < 10_000,
+    )
+    .unwrap();
+    let s = run_sim(gw.mqtt_port, &["-n", "1", "-m", "32000", "--rate", "0"]).unwrap();
+    assert_eq!(s["acknowledged"], 32_000);
+    assert!(gw.metric("edgehose_buffer_dropped_total") > 0.0);
+    // Down before the window closes: at the restart it is rebuilt from what the buffer kept.
+    gw.kill9().unwrap();
+    gw.spawn().unwrap();
+    wait_until(Duration::from_secs(60), "the window emitted", || {
+        !records(dir.path(), "windows").is_empty()
+    })
+    .unwrap();
+    let rows = records(dir.path(), "windows");
+    let n: u64 = rows.iter().map(|r| r["n"].as_u64().unwrap()).sum();
+    assert!(n > 0 && n < 32_000, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r["inputs_dropped"] == json!(true)),
+        "{rows:?}"
+    );
+    assert!(gw.metric("edgehose_window_rows_inputs_dropped_total{stream=\"per_device\"}") >= 1.0);
+    assert!(gw.terminate().unwrap().success());
+}

@@ -125,7 +125,16 @@ impl Rule {
 
     /// What a windowed rule's closed window makes of one group (`key` and `accs` as
     /// [`window::Windowed`] keeps them).
-    pub fn close(&self, key: &[u8], accs: &[window::Acc], start_ms: i64) -> Applied {
+    /// `inputs_dropped`: some of the window's input rows may have been removed by the buffer's
+    /// `drop_oldest` before they were aggregated; an object row then says so in a field of that
+    /// name.
+    pub fn close(
+        &self,
+        key: &[u8],
+        accs: &[window::Acc],
+        start_ms: i64,
+        inputs_dropped: bool,
+    ) -> Applied {
         let w = self.window.as_ref().expect("a windowed rule");
         let doc = w.document(key, accs, start_ms);
         let ctx = Context {
@@ -133,7 +142,7 @@ impl Rule {
             client_id: None,
             timestamp_ms: start_ms + w.window_ms,
         };
-        project(&w.projection, &doc, &ctx)
+        project(&w.projection, &doc, &ctx, inputs_dropped)
     }
 
     /// The `FROM` filter: which topics the rule reads.
@@ -176,13 +185,18 @@ impl Rule {
         if self.passthrough {
             return Applied::Selected(None);
         }
-        project(&self.statement.projection, doc, ctx)
+        project(&self.statement.projection, doc, ctx, false)
     }
 }
 
 /// The SELECT list over a document.
-fn project<'a>(projection: &Projection, doc: &Value<'a>, ctx: &Context<'a>) -> Applied {
-    let out = match projection {
+fn project<'a>(
+    projection: &Projection,
+    doc: &Value<'a>,
+    ctx: &Context<'a>,
+    inputs_dropped: bool,
+) -> Applied {
+    let mut out = match projection {
         Projection::Value(e) => match eval::eval(e, doc, ctx) {
             Value::Undefined => return Applied::Dropped,
             v => v,
@@ -231,6 +245,9 @@ fn project<'a>(projection: &Projection, doc: &Value<'a>, ctx: &Context<'a>) -> A
             Value::Object(fields)
         }
     };
+    if let (true, Value::Object(fields)) = (inputs_dropped, &mut out) {
+        fields.push((Cow::Borrowed("inputs_dropped"), Value::Bool(true)));
+    }
     match serde_json::to_vec(&out) {
         Ok(bytes) => Applied::Selected(Some(bytes)),
         Err(e) => Applied::Failed(format!("cannot write the result as JSON: {e}")),

@@ -355,7 +355,7 @@ fn window(sql: &str, payloads: &[&str]) -> Vec<Json> {
     }
     groups
         .iter()
-        .map(|(k, accs)| match rule.close(k, accs, 60_000) {
+        .map(|(k, accs)| match rule.close(k, accs, 60_000, false) {
             Applied::Selected(Some(out)) => serde_json::from_slice(&out).unwrap(),
             other => panic!("{other:?}"),
         })
