@@ -10,9 +10,12 @@
 //! the open windows from the rows after it, and skips rows of windows already emitted: every
 //! window is emitted exactly once, with the values it would have had without the crash.
 //!
-//! A window closes when the wall clock passes its end plus `allowed_lateness` and every row
-//! committed by then has been read. A row stamped inside a window already emitted (a clock
-//! stepped back, a commit later than the lateness) is counted as late and left out.
+//! A window closes when the wall clock passes its end plus `allowed_lateness` (or, should the
+//! wall clock have been stepped back, when its length plus the lateness has passed on the
+//! monotonic clock since its first row was read) and every row committed by then has been
+//! read. A row stamped inside a window already emitted (by a clock stepped back, or committed
+//! later than the lateness) is counted as late and left out of the aggregates; the raw
+//! streams still hold it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
@@ -56,13 +59,15 @@ struct Group {
     partition_key: String,
 }
 
-#[derive(Default)]
 struct Window {
     groups: HashMap<Vec<u8>, Group>,
     /// First-seen order of the groups, so that a window's rows come out in a stable order.
     order: Vec<Vec<u8>>,
     /// The smallest input row id in the window: the position cannot pass it before emission.
     min_id: i64,
+    /// When its first row was read, by the monotonic clock: the window has surely ended by
+    /// this plus its length plus the lateness, whatever the wall clock says since.
+    opened: tokio::time::Instant,
 }
 
 /// One input row read back.
@@ -184,7 +189,9 @@ impl WindowStage {
                     };
                     let window = open.entry(start).or_insert_with(|| Window {
                         min_id: row.id,
-                        ..Window::default()
+                        groups: HashMap::new(),
+                        order: Vec::new(),
+                        opened: tokio::time::Instant::now(),
                     });
                     window.min_id = window.min_id.min(row.id);
                     let group = match window.groups.get_mut(&key) {
@@ -211,10 +218,15 @@ impl WindowStage {
             // 2. Emit the windows that have closed (only once caught up: rows committed
             // meanwhile are read first).
             let now = now_ms();
+            // By the wall clock (windows are spans of arrival time), or, if the wall clock was
+            // stepped back, by the monotonic time since the window's first row was read.
+            let span = Duration::from_millis((len + lateness) as u64);
             let closable: Vec<i64> = open
-                .keys()
-                .copied()
-                .take_while(|start| start + len + lateness <= now)
+                .iter()
+                .take_while(|(start, w)| {
+                    *start + len + lateness <= now || w.opened.elapsed() >= span
+                })
+                .map(|(start, _)| *start)
                 .collect();
             if !closable.is_empty() && committed.borrow().last_id <= read_upto {
                 let mut records = Vec::new();
@@ -283,9 +295,15 @@ impl WindowStage {
             }
 
             // 3. Wait for new rows, the next window's close, or shutdown.
-            let next_close = open.keys().next().map(|s| s + len + lateness);
-            let wait = match next_close {
-                Some(t) => Duration::from_millis((t - now).clamp(1, 60_000) as u64),
+            let wait = match open.iter().next() {
+                Some((start, w)) => {
+                    let by_wall = Duration::from_millis(
+                        (start + len + lateness - now).clamp(1, 60_000) as u64,
+                    );
+                    by_wall
+                        .min(span.saturating_sub(w.opened.elapsed()))
+                        .max(Duration::from_millis(1))
+                }
                 None => Duration::from_secs(60),
             };
             let last_seen = read_upto;
