@@ -23,6 +23,12 @@ Systems:
 The load is firmware-sim's realistic 200-byte JSON from 100 devices (--engine raw: a lean MQTT
 writer per device, so the load generator leaves the daemon most of the 2 cores).
 
+--rules (issue 16): QoS 1 ingest with three typical rules (a reshape, a filter, per-device
+one-minute windows; each to a `file` destination of its own) alternated with topic routing
+alone, then 10,000 devices at 1 msg/s with raw readings and one-minute per-device windows
+(peak RSS beside the same fleet with topic routing alone, and the bytes and Kinesis PUT units
+the aggregates save over the raw records of the same whole minutes).
+
 The mTLS figures run the same daemon with its TLS listener (client certificates required,
 ECDSA P-256 certificates from `edgehose certs`, TLS 1.3, no policies) and the same raw engine
 over rustls; every device does a full handshake (no resumption), the client's share of it on
@@ -95,7 +101,8 @@ def proc_written(pid):
 class Edgehose:
     """One `edgehose run` on a scratch directory with the benchmark config."""
 
-    def __init__(self, root=None, interval="1s", size="5MiB", scratch=None, pki=None):
+    def __init__(self, root=None, interval="1s", size="5MiB", scratch=None, pki=None,
+                 streams=None):
         self.scratch = scratch or tempfile.mkdtemp(prefix="edgehose-bench-")
         self.mqtt = free_port()
         self.admin = free_port()
@@ -129,6 +136,18 @@ root = "{self.out}"
 bucket = "bench"
 buffer_size = "{size}"
 buffer_interval = "{interval}"
+""" if streams is None else f"""
+[ingress]
+mode = "frontdoor"
+[ingress.frontdoor]
+listen = "127.0.0.1:{self.mqtt}"
+{tls}
+[buffer]
+path = "{self.scratch}/data/edgehose.db"
+{commit_overrides()}
+[admin]
+listen = "127.0.0.1:{self.admin}"
+{streams.format(out=self.out, size=size, interval=interval)}
 """
         self.config = os.path.join(self.scratch, f"edgehose-{self.mqtt}.toml")
         with open(self.config, "w") as f:
@@ -261,9 +280,9 @@ def tls_args(pki):
             "--tls-key", f"{pki}/devices/fleet.key")
 
 
-def edgehose_ingest(total, qos, devices, per, pki=None):
+def edgehose_ingest(total, qos, devices, per, pki=None, streams=None):
     """(committed msg/s, devices' publish msg/s, peak RSS KiB, CPU s per million, committed)."""
-    gw = Edgehose(pki=pki)
+    gw = Edgehose(pki=pki, streams=streams)
     try:
         cpu0 = proc_cpu_s(gw.pid)
         start = time.time()
@@ -272,8 +291,16 @@ def edgehose_ingest(total, qos, devices, per, pki=None):
         else:
             s = sim(gw.mqtt, devices, per, qos=qos)
         sent = s["published"]
-        done = gw.wait_metric("edgehose_records_committed_total", sent, timeout=120)
-        committed = gw.metric("edgehose_records_committed_total")
+        if streams is None:
+            done = gw.wait_metric("edgehose_records_committed_total", sent, timeout=120)
+            committed = gw.metric("edgehose_records_committed_total")
+        else:
+            # With rules a message becomes several records (or none): count messages, each
+            # committed once its PUBACK came (QoS 1 only).
+            assert qos == 1
+            done = gw.wait_metric("edgehose_messages_received_total", sent, timeout=120)
+            done = max(done, start + s["elapsed_s"]) if "elapsed_s" in s else done
+            committed = s["acknowledged"]
         cpu = proc_cpu_s(gw.pid) - cpu0
         hwm = proc_status(gw.pid, "VmHWM")
         return committed / (done - start), s["rate_msg_s"], hwm, cpu / committed * 1e6, committed, sent
@@ -453,9 +480,15 @@ def main():
     ap.add_argument("--tls", action="store_true",
                     help="only the TLS figures, beside plain TCP: QoS 1 ingest plain and over "
                          "mutual TLS (alternated), the reconnect storm, idle devices both ways")
+    ap.add_argument("--rules", action="store_true",
+                    help="only the IoT rules figures: QoS 1 ingest with three rules against "
+                         "topic routing (alternated), 10,000 devices with one-minute windows "
+                         "(RSS, bytes and PUT units saved)")
     a = ap.parse_args()
     if a.tls:
         return main_tls(a)
+    if a.rules:
+        return main_rules(a)
     runs = 1 if a.quick else a.runs
     q = a.quick
     per = 200 if q else 5000          # messages per device in ingest runs (100 devices)
@@ -643,6 +676,156 @@ def main_tls(a):
         print(f"{name:<{w}}  {value:<{v}}  {target}")
     if lost:
         sys.exit(1)
+
+
+# Issue 16's load: three typical rules, each to a destination of its own (a reshape of every
+# reading, a filter keeping the warm ones, per-device one-minute aggregates), against topic
+# routing alone (one stream, the main table's config).
+THREE_RULES = """
+[streams.reshaped]
+sql = "SELECT topic(2) AS device, seq, temperature_c AS t, humidity_pct AS h, timestamp() AS at FROM 'sensors/+/telemetry'"
+destinations = ["reshaped"]
+[streams.warm]
+sql = "SELECT * FROM 'sensors/+/telemetry' WHERE temperature_c > 22"
+destinations = ["warm"]
+[streams.per_minute]
+sql = "SELECT topic(2) AS device, count(*) AS n, avg(temperature_c) AS t, max(temperature_c) AS t_max FROM 'sensors/+/telemetry' GROUP BY topic(2), STEP(ROWTIME BY INTERVAL '60' SECOND)"
+destinations = ["aggregates"]
+[destinations.reshaped]
+type = "file"
+root = "{out}"
+bucket = "reshaped"
+buffer_interval = "{interval}"
+[destinations.warm]
+type = "file"
+root = "{out}"
+bucket = "warm"
+buffer_interval = "{interval}"
+[destinations.aggregates]
+type = "file"
+root = "{out}"
+bucket = "aggregates"
+buffer_interval = "{interval}"
+"""
+
+# Raw readings and their one-minute per-device aggregates, each to a destination of its own.
+RAW_AND_MINUTES = """
+[streams.telemetry]
+topics = ["sensors/+/telemetry"]
+destinations = ["raw"]
+[streams.per_minute]
+sql = "SELECT topic(2) AS device, count(*) AS n, avg(temperature_c) AS t, min(temperature_c) AS t_min, max(temperature_c) AS t_max, window_start() AS start FROM 'sensors/+/telemetry' GROUP BY topic(2), STEP(ROWTIME BY INTERVAL '60' SECOND)"
+allowed_lateness = "2s"
+destinations = ["aggregates"]
+[destinations.raw]
+type = "file"
+root = "{out}"
+bucket = "raw"
+buffer_interval = "{interval}"
+[destinations.aggregates]
+type = "file"
+root = "{out}"
+bucket = "aggregates"
+buffer_interval = "{interval}"
+"""
+
+
+def bucket_records(path):
+    """(records, bytes) of the newline-delimited objects under `path`."""
+    records = size = 0
+    for dirpath, _, files in os.walk(path):
+        if ".edgehose-staging" in dirpath:
+            continue
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                for line in f:
+                    if line.strip():
+                        records += 1
+                        size += len(line.rstrip(b"\n"))
+    return records, size
+
+
+def windowed_devices(devices, seconds, streams):
+    """`devices` devices at 1 msg/s for `seconds` against `streams`: peak RSS, CPU, and (with
+    RAW_AND_MINUTES) the raw and aggregate output of the whole minutes."""
+    gw = Edgehose(streams=streams, interval="10s")
+    try:
+        cpu0 = proc_cpu_s(gw.pid)
+        s = sim(gw.mqtt, devices, seconds, rate=1.0, extra=("--spread", "1"))
+        cpu = proc_cpu_s(gw.pid) - cpu0
+        hwm = proc_status(gw.pid, "VmHWM")
+        out = {"acknowledged": s["acknowledged"], "hwm_kib": hwm, "cpu_s": cpu,
+               "failed_devices": s["failed_devices"]}
+        if streams and "per_minute" in streams:
+            # Every minute that closed while the load ran, against the raw records of it.
+            gw.wait_metric("edgehose_windows_emitted_total", 1, timeout=120)
+            gw.stop(keep=True)
+            rows = []
+            for dirpath, _, files in os.walk(os.path.join(gw.out, "aggregates")):
+                for name in files:
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        rows += [json.loads(line) for line in f if line.strip()]
+            full = [r for r in rows if r["n"] >= 55]  # whole minutes (a device's first and
+            agg_bytes = sum(len(json.dumps(r, separators=(",", ":"))) for r in full)
+            raw_records, raw_bytes = bucket_records(os.path.join(gw.out, "raw"))
+            per_record = raw_bytes / max(raw_records, 1)
+            covered = sum(r["n"] for r in full)  # last minutes are partial: left out)
+            out.update({"windows": len(full), "raw_records_covered": covered,
+                        "raw_bytes_covered": covered * per_record, "aggregate_bytes": agg_bytes,
+                        # A Kinesis PUT payload unit is 25 KB of one record: each small
+                        # record costs one.
+                        "put_units_ratio": covered / max(len(full), 1),
+                        "bytes_ratio": covered * per_record / max(agg_bytes, 1)})
+        return out
+    finally:
+        gw.stop()
+
+
+def main_rules(a):
+    runs = 1 if a.quick else a.runs
+    per = 200 if a.quick else 5000
+    total = 100 * per
+    devices = 200 if a.quick else 10_000
+    seconds = 65 if a.quick else 130
+    log = lambda *x: print(*x, file=sys.stderr, flush=True)
+    plain, rules = [], []
+    for r in range(runs):
+        for kind in ("topics", "rules"):
+            rate, _, hwm, cpu, committed, sent = edgehose_ingest(
+                total, 1, 100, per, streams=THREE_RULES if kind == "rules" else None)
+            (plain if kind == "topics" else rules).append((rate, cpu, hwm))
+            log(f"ingest qos1 {kind} run {r + 1}: {rate:,.0f} msg/s, {cpu:.2f} s CPU per million, "
+                f"RSS {hwm / 1024:.1f} MiB")
+    win, base = [], []
+    for r in range(runs):
+        base.append(windowed_devices(devices, 5 if a.quick else 30, None))
+        log(f"{devices} devices, topic routing, run {r + 1}: {base[-1]}")
+        win.append(windowed_devices(devices, seconds, RAW_AND_MINUTES))
+        log(f"{devices} devices, raw + one-minute windows, run {r + 1}: {win[-1]}")
+    p, t = summary([x[0] for x in plain]), summary([x[0] for x in rules])
+    m = machine()
+    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, {m['date']}; median [min-max] of {runs} run(s)\n")
+    rows = [
+        ("QoS 1 ingest, 100 clients, topic routing alone", fmt(p, " msg/s"), ""),
+        ("  with three typical rules (reshape, filter, window)", fmt(t, " msg/s"),
+         f"= {t['median'] / p['median']:.2f}x (>= 0.8x)"),
+        ("  CPU per million, topics / rules", f"{fmt(summary([x[1] for x in plain]), '', 2)} / "
+         f"{fmt(summary([x[1] for x in rules]), '', 2)} s", ""),
+        ("  peak RSS, topics / rules", f"{fmt(summary([x[2] / 1024 for x in plain]), '', 1)} / "
+         f"{fmt(summary([x[2] / 1024 for x in rules]), '', 1)} MiB", ""),
+        (f"{devices:,} devices at 1 msg/s, topic routing, peak RSS",
+         fmt(summary([x["hwm_kib"] / 1024 for x in base]), " MiB", 1), ""),
+        ("  raw + one-minute windows per device, peak RSS",
+         fmt(summary([x["hwm_kib"] / 1024 for x in win]), " MiB", 1),
+         f"<= 48 MiB ({min(x['acknowledged'] for x in win):,} acked, worst run)"),
+        ("  whole one-minute windows emitted", fmt(summary([x.get("windows", 0) for x in win])), ""),
+        ("  raw bytes / aggregate bytes", fmt(summary([x.get("bytes_ratio", 0) for x in win]), "x", 1), ""),
+        ("  Kinesis PUT units, raw / aggregates", fmt(summary([x.get("put_units_ratio", 0) for x in win]), "x", 1), ""),
+    ]
+    w = max(len(r[0]) for r in rows)
+    v = max(len(r[1]) for r in rows)
+    for name, value, target in rows:
+        print(f"{name:<{w}}  {value:<{v}}  {target}")
 
 
 def fmt(s, unit="", digits=0):

@@ -3,7 +3,7 @@
 # relays rumqttd-relay and null-sub), makes sure Debian's mosquitto is there, and runs
 # tests/bench/bench.py, which prints every figure of BENCHMARKS.md's main table with the
 # rumqttd and mosquitto baselines measured in the same run.
-#   tests/bench/bench.sh [--runs 3] [--json] [--quick]
+#   tests/bench/bench.sh [--runs 3] [--json] [--quick] [--tls | --rules]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
