@@ -329,3 +329,118 @@ async fn pause(shutdown: &mut Shutdown, d: Duration) {
         _ = tokio::time::sleep(d) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::buffer::{self, Buffer};
+    use crate::config::Config;
+    use crate::routing::Router;
+
+    fn config(dir: &std::path::Path) -> Config {
+        crate::config::parse(&format!(
+            r#"
+            [buffer]
+            path = "{dir}/b.db"
+            commit_interval = "1ms"
+            [streams.daily]
+            sql = "SELECT topic(2) AS device, count(*) AS n, sum(v) AS v FROM 's/+' GROUP BY topic(2), STEP(ROWTIME BY INTERVAL '1' DAY)"
+            allowed_lateness = "0s"
+            destinations = ["d"]
+            [destinations.d]
+            type = "file"
+            root = "{dir}/out"
+            bucket = "bucket"
+            "#,
+            dir = dir.display()
+        ))
+        .unwrap()
+    }
+
+    async fn publish(router: &Router, b: &Buffer, device: &str, values: &[i64]) {
+        for v in values {
+            let (tx, rx) = oneshot::channel();
+            let env = crate::ingress::admit(
+                router,
+                format!("s/{device}").as_bytes(),
+                &Bytes::from(format!("{{\"v\":{v}}}")),
+                Some(device),
+                Ack::new(move |o| {
+                    let _ = tx.send(o);
+                }),
+            );
+            b.ingest.send(env).await.unwrap();
+            assert_eq!(rx.await.unwrap(), Outcome::Committed);
+        }
+    }
+
+    /// The rows the stage wrote into the windowed stream.
+    fn emitted(b: &Buffer, stream: usize) -> Vec<serde_json::Value> {
+        let conn = store::open_reader(&b.path).unwrap();
+        let mut out = Vec::new();
+        store::scan(&conn, &[b.stream_ids[stream]], 0, None, |r| {
+            out.push(serde_json::from_slice(r.payload).unwrap());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn stage(cfg: &Config, b: &Buffer, shutdown: Shutdown) -> WindowStage {
+        let w = b.windows[0].clone();
+        let stream = &cfg.streams[w.stream];
+        WindowStage {
+            state: w.clone(),
+            stream_name: stream.name.clone(),
+            rule: stream.rule.clone().unwrap(),
+            input_stream_id: b.stream_ids[stream.window_input.unwrap()],
+            allowed_lateness: stream.allowed_lateness,
+            buffer_path: b.path.clone(),
+            ingest: b.ingest.clone(),
+            committed: b.committed.clone(),
+            shutdown,
+        }
+    }
+
+    /// A day-long window is emitted a day after its first row by the monotonic clock (here
+    /// paused and advanced), even though the wall clock, which defines the window, has not
+    /// moved: a wall clock stepped back holds no window open.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_closes_on_the_monotonic_clock_when_the_wall_clock_lags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let b = buffer::open(&cfg).unwrap();
+        let router = Router::new(cfg.streams.clone(), cfg.ingress.limits);
+        publish(&router, &b, "a", &[1, 2, 3]).await;
+        publish(&router, &b, "b", &[10]).await;
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let task = tokio::spawn(stage(&cfg, &b, shutdown).run());
+        let daily = b.windows[0].stream;
+
+        tokio::time::sleep(Duration::from_secs(86_000)).await;
+        assert!(
+            emitted(&b, daily).is_empty(),
+            "closed before its day was over"
+        );
+        tokio::time::sleep(Duration::from_secs(500)).await;
+        for _ in 0..1000 {
+            if !emitted(&b, daily).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut rows = emitted(&b, daily);
+        rows.sort_by_key(|r| r["device"].as_str().unwrap().to_string());
+        assert_eq!(
+            rows,
+            [
+                serde_json::json!({"device": "a", "n": 3, "v": 6}),
+                serde_json::json!({"device": "b", "n": 1, "v": 10})
+            ]
+        );
+        trigger.begin();
+        task.await.unwrap();
+    }
+}
