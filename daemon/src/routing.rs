@@ -64,6 +64,9 @@ pub struct Router {
     /// Per stream: messages its rule dropped (WHERE), and messages it failed on.
     rule_dropped: Vec<metrics::Counter>,
     rule_failed: Vec<metrics::Counter>,
+    /// The top-level payload fields the rules read (parsed; the rest is only checked); None:
+    /// a rule reads them all.
+    fields: Option<Vec<String>>,
 }
 
 impl Router {
@@ -75,7 +78,20 @@ impl Router {
                 .map(|s| metrics::counter!(name, "stream" => s.name.clone()))
                 .collect()
         };
+        let mut fields = Some(Vec::new());
+        for rule in streams.iter().filter_map(|s| s.rule.as_ref()) {
+            match (rule.reads_payload().then(|| rule.fields()), &mut fields) {
+                (None, _) | (_, None) => {}
+                (Some(None), f) => *f = None,
+                (Some(Some(more)), Some(all)) => all.extend(more),
+            }
+        }
+        if let Some(f) = &mut fields {
+            f.sort();
+            f.dedup();
+        }
         Self {
+            fields,
             rule_dropped: per_stream(crate::metrics::RULE_DROPPED),
             rule_failed: per_stream(crate::metrics::RULE_FAILED),
             streams,
@@ -116,7 +132,10 @@ impl Router {
             if stream.payload_format == PayloadFormat::Json
                 || stream.rule.as_ref().is_some_and(|r| r.reads_payload())
             {
-                let parsed = doc.get_or_insert_with(|| Value::parse(payload).ok());
+                let parsed = doc.get_or_insert_with(|| match &self.fields {
+                    Some(fields) => Value::parse_fields(payload, fields).ok(),
+                    None => Value::parse(payload).ok(),
+                });
                 if parsed.is_none() && stream.payload_format == PayloadFormat::Json {
                     return Err(Reject::MalformedPayload);
                 }

@@ -117,6 +117,35 @@ impl Rule {
         })
     }
 
+    /// The top-level payload fields the rule reads; None: all of them (`*`).
+    pub fn fields(&self) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        let mut exprs: Vec<&parser::Expr> = self.statement.filter.iter().collect();
+        match &self.statement.projection {
+            // `SELECT *` alone passes the payload as it came: only WHERE reads fields.
+            _ if self.passthrough => {}
+            Projection::Value(e) => exprs.push(e),
+            Projection::Items(items) => {
+                for item in items {
+                    match item {
+                        Item::Star if self.window.is_none() => return None,
+                        Item::Star => {}
+                        Item::Expr { expr, .. } => exprs.push(expr),
+                    }
+                }
+            }
+        }
+        if let Some(g) = &self.statement.group_by {
+            exprs.extend(&g.keys);
+        }
+        for e in exprs {
+            window::field_names(e, &mut out);
+        }
+        out.sort();
+        out.dedup();
+        Some(out)
+    }
+
     /// The window of a windowed rule (its records are input rows, aggregated by the window
     /// stage).
     pub fn window(&self) -> Option<&window::Windowed> {

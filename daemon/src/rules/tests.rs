@@ -424,3 +424,40 @@ fn windowed_rules_are_checked() {
     assert!(e(&format!("SELECT sum(avg(t)) FROM '#' GROUP BY {step}")).contains("nested"));
     assert!(e("SELECT avg(t) FROM '#'").contains("need a window"));
 }
+
+#[test]
+fn rules_say_which_fields_they_read() {
+    let f = |sql: &str| Rule::parse(sql).unwrap().fields();
+    assert_eq!(
+        f("SELECT a.b, get(c, 0) AS x FROM '#' WHERE d > 1 OR e IS NULL"),
+        Some(vec!["a".into(), "c".into(), "d".into(), "e".into()])
+    );
+    assert_eq!(f("SELECT * FROM '#' WHERE t > 1"), Some(vec!["t".into()]));
+    assert_eq!(f("SELECT *, x FROM '#'"), None);
+    assert_eq!(
+        f("SELECT topic(2) AS d, avg(t) FROM '#' GROUP BY topic(2), site, STEP(ROWTIME BY INTERVAL '1' MINUTE)"),
+        Some(vec!["site".into(), "t".into()])
+    );
+    // Parsing only those gives the same results.
+    let p = br#"{"t":5,"pad":"xxxxxxxx","nested":{"deep":[1,2,{"x":"y"}]},"u":1.5}"#;
+    let only = Value::parse_fields(p, &["t".into(), "u".into()]).unwrap();
+    assert_eq!(
+        only,
+        Value::Object(vec![
+            ("t".into(), Value::Int(5)),
+            ("u".into(), Value::Decimal(1.5))
+        ])
+    );
+    assert!(
+        Value::parse_fields(br#"{"t":5,"pad":[1,}"#, &["t".into()]).is_err(),
+        "still checked"
+    );
+    assert!(
+        Value::parse_fields(br#"{"t":5} x"#, &["t".into()]).is_err(),
+        "trailing bytes"
+    );
+    assert_eq!(
+        Value::parse_fields(b"[1]", &[]).unwrap(),
+        Value::Array(vec![Value::Int(1)])
+    );
+}

@@ -28,6 +28,16 @@ impl<'a> Value<'a> {
         serde_json::from_slice(json)
     }
 
+    /// Parses a JSON document keeping, of a top-level object, only the fields named (the rest
+    /// is checked and skipped, never built): what rules read of a message.
+    pub fn parse_fields(json: &'a [u8], fields: &[String]) -> Result<Self, serde_json::Error> {
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let v = TopLevel { fields }.deserialize(&mut de)?;
+        de.end()?;
+        Ok(v)
+    }
+
     pub fn type_name(&self) -> &'static str {
         match self {
             Value::Undefined => "Undefined",
@@ -170,6 +180,64 @@ impl<'de> Visitor<'de> for ValueVisitor {
         let mut out = Vec::new();
         while let Some(k) = map.next_key::<Key<'de>>()? {
             out.push((k.0, map.next_value()?));
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// The top of a document whose object fields are kept only if named.
+struct TopLevel<'f> {
+    fields: &'f [String],
+}
+
+impl<'de> de::DeserializeSeed<'de> for TopLevel<'_> {
+    type Value = Value<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopLevel<'_> {
+    type Value = Value<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_bool(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_i64(v)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_u64(v)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_f64(v)
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_borrowed_str(v)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_str(v)
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_string(v)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value<'de>, E> {
+        ValueVisitor.visit_unit()
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value<'de>, A::Error> {
+        ValueVisitor.visit_seq(seq)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value<'de>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(k) = map.next_key::<Key<'de>>()? {
+            if self.fields.iter().any(|f| *f == k.0) {
+                out.push((k.0, map.next_value()?));
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
         }
         Ok(Value::Object(out))
     }

@@ -244,6 +244,40 @@ fn defined(v: Value) -> Value {
     }
 }
 
+/// The top-level payload fields `e` reads.
+pub(super) fn field_names(e: &Expr, out: &mut Vec<String>) {
+    match e {
+        Expr::Field(name) => out.push(name.clone()),
+        Expr::Literal(_) => {}
+        Expr::Member(b, _) | Expr::Neg(b) | Expr::Not(b) | Expr::Cast(b, _) => field_names(b, out),
+        Expr::Is { expr, .. } => field_names(expr, out),
+        Expr::Aggregate(_, arg) => {
+            if let Some(a) = arg {
+                field_names(a, out);
+            }
+        }
+        Expr::Index(a, b) | Expr::Binary(_, a, b) | Expr::In(a, b) => {
+            field_names(a, out);
+            field_names(b, out);
+        }
+        Expr::Case {
+            operand,
+            whens,
+            otherwise,
+        } => {
+            for x in operand.iter().chain(otherwise.iter()) {
+                field_names(x, out);
+            }
+            for (w, t) in whens {
+                field_names(w, out);
+                field_names(t, out);
+            }
+        }
+        Expr::Call(_, args) | Expr::Array(args) => args.iter().for_each(|a| field_names(a, out)),
+        Expr::Object(fields) => fields.iter().for_each(|(_, v)| field_names(v, out)),
+    }
+}
+
 pub(super) fn contains_aggregate(e: &Expr) -> bool {
     match e {
         Expr::Aggregate(..) => true,
