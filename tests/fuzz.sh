@@ -38,21 +38,25 @@ for t in "${targets[@]}"; do
     artifacts="target/fuzz/artifacts/$t/"
     mkdir -p "$work" "$artifacts"
     echo "== fuzzing $t for ${seconds}s (${jobs} job(s); committed corpus: $(ls fuzz/corpus/$t | wc -l) inputs)"
-    log="target/fuzz/$t.log"
+    log="$PWD/target/fuzz/$t.log"
+    # libFuzzer writes its workers' logs (fuzz-N.log) to the current directory: one directory
+    # per target, so that runs of different targets at once do not overwrite each other's.
+    run="$PWD/target/fuzz/run/$t"
+    mkdir -p "$run"
+    rm -f "$run"/fuzz-*.log
     # -rss_limit_mb: a decoder must not allocate what a damaged header claims (the block
     # decoder's own limit is 257 MiB); -timeout: no input may take a second.
-    if ! "target/fuzz/$triple/$profile/$t" "$work" "fuzz/corpus/$t" \
+    if ! (cd "$run" && "$OLDPWD/target/fuzz/$triple/$profile/$t" "$OLDPWD/$work" "$OLDPWD/fuzz/corpus/$t" \
         -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=1 \
-        -jobs="$jobs" -workers="$jobs" -artifact_prefix="$artifacts" -print_final_stats=1 \
-        >"$log" 2>&1; then
-        tail -n 40 "$log" fuzz-*.log 2>/dev/null || true
+        -jobs="$jobs" -workers="$jobs" -artifact_prefix="$OLDPWD/$artifacts" -print_final_stats=1 \
+        >"$log" 2>&1); then
+        tail -n 40 "$log" "$run"/fuzz-*.log 2>/dev/null || true
         echo "fuzz target $t failed; input in $artifacts" >&2
         exit 1
     fi
     # (with -jobs, libFuzzer's worker logs repeat what the main log says: print each line once)
-    grep -h -E '^stat::number_of_executed_units|^stat::peak_rss_mb|^#[0-9]+.*DONE' "$log" fuzz-*.log 2>/dev/null \
+    grep -h -E '^stat::number_of_executed_units|^stat::peak_rss_mb|^#[0-9]+.*DONE' "$log" "$run"/fuzz-*.log 2>/dev/null \
         | awk '!seen[$0]++' | sed "s/^/  $t: /" || true
-    rm -f fuzz-*.log
     if [ "${MERGE:-0}" = 1 ]; then
         "target/fuzz/$triple/$profile/$t" -merge=1 "fuzz/corpus/$t" "$work" >/dev/null 2>&1
         echo "  merged: fuzz/corpus/$t now holds $(ls fuzz/corpus/$t | wc -l) inputs"
