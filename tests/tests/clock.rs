@@ -89,7 +89,9 @@ fn clock_steps_neither_stall_nor_misdate_delivery() {
     assert!(gw.log().contains("the wall clock stepped"));
     assert!(gw.terminate().unwrap().success());
 
-    let tomorrow = (chrono::Utc::now() + chrono::Duration::hours(20))
+    // A record stamped after the step would be dated a day from now (the offset is "+1d");
+    // dev-2's arrived an hour back (today, or yesterday shortly after midnight).
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
         .format("%Y/%m/%d")
         .to_string();
     let objects = read_objects(&gw.bucket_dir()).unwrap();
