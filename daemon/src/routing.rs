@@ -62,8 +62,8 @@ pub struct Router {
     /// daemon's CPU at max rate.
     pub(crate) received: metrics::Counter,
     /// Per stream: messages its rule dropped (WHERE), and messages it failed on.
-    rule_dropped: Vec<metrics::Counter>,
-    rule_failed: Vec<metrics::Counter>,
+    rule_dropped: Vec<Option<metrics::Counter>>,
+    rule_failed: Vec<Option<metrics::Counter>>,
     /// The top-level payload fields the rules read (parsed; the rest is only checked); None:
     /// a rule reads them all.
     fields: Option<Vec<String>>,
@@ -72,10 +72,15 @@ pub struct Router {
 impl Router {
     /// Build it after the metrics recorder is installed (it keeps a counter handle).
     pub fn new(streams: Vec<StreamConfig>, limits: Limits) -> Self {
+        // Only streams with a rule have these counters (a stream without one never counts).
         let per_stream = |name: &'static str| {
             streams
                 .iter()
-                .map(|s| metrics::counter!(name, "stream" => s.name.clone()))
+                .map(|s| {
+                    s.rule
+                        .as_ref()
+                        .map(|_| metrics::counter!(name, "stream" => s.name.clone()))
+                })
                 .collect()
         };
         let mut fields = Some(Vec::new());
@@ -161,9 +166,15 @@ impl Router {
                     partition_key: stream.partition_key.render(topic, client_id, arrival_ms),
                     payload: out,
                 }),
-                Applied::Dropped => self.rule_dropped[index].increment(1),
+                Applied::Dropped => {
+                    if let Some(c) = &self.rule_dropped[index] {
+                        c.increment(1);
+                    }
+                }
                 Applied::Failed(error) => {
-                    self.rule_failed[index].increment(1);
+                    if let Some(c) = &self.rule_failed[index] {
+                        c.increment(1);
+                    }
                     log_rule_failure(&stream.name, topic, &error);
                     let Some(target) = stream.error_stream else {
                         return Err(Reject::RuleFailed);
