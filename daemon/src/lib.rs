@@ -143,13 +143,15 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
                 input_stream_id: buffer.stream_ids[input],
                 allowed_lateness: stream.allowed_lateness,
                 buffer_path: buffer.path.clone(),
-                ingest: buffer.ingest.clone(),
+                ingest: buffer.window_ingest.clone(),
                 committed: buffer.committed.clone(),
                 shutdown: shutdown.clone(),
             }
             .run(),
         );
     }
+    // Only the window stages send on this channel; the writer ends when it closes too.
+    drop(buffer.window_ingest);
     // The watchdog holds the control channel weakly: its pings must not keep the writer alive.
     // The front door holds it until it has saved its sessions at shutdown.
     let watchdog_control = buffer.control.downgrade();

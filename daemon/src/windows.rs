@@ -47,6 +47,7 @@ pub struct WindowStage {
     pub input_stream_id: i64,
     pub allowed_lateness: Duration,
     pub buffer_path: PathBuf,
+    /// The writer's channel for window commits ([`crate::buffer::Buffer::window_ingest`]).
     pub ingest: mpsc::Sender<Envelope>,
     pub committed: watch::Receiver<Committed>,
     pub shutdown: Shutdown,
@@ -398,7 +399,7 @@ mod tests {
             input_stream_id: b.stream_ids[stream.window_input.unwrap()],
             allowed_lateness: stream.allowed_lateness,
             buffer_path: b.path.clone(),
-            ingest: b.ingest.clone(),
+            ingest: b.window_ingest.clone(),
             committed: b.committed.clone(),
             shutdown,
         }

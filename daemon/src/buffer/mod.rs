@@ -37,6 +37,8 @@ pub struct Buffer {
     /// Per destination (config order): its durable state at start.
     pub destinations: Vec<DestinationState>,
     pub ingest: mpsc::Sender<Envelope>,
+    /// The window stages' commits (read by the writer even while the buffer is full).
+    pub window_ingest: mpsc::Sender<Envelope>,
     pub control: mpsc::Sender<Control>,
     pub committed: watch::Receiver<Committed>,
     pub writer: std::thread::JoinHandle<()>,
@@ -147,12 +149,14 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
     )?;
     let (ingest, ingest_rx) = mpsc::channel(writer::INGEST_CHANNEL_CAPACITY);
     let (control, control_rx) = mpsc::channel(writer::CONTROL_CHANNEL_CAPACITY);
-    let writer = writer.spawn(ingest_rx, control_rx)?;
+    let (window_ingest, window_rx) = mpsc::channel(writer::CONTROL_CHANNEL_CAPACITY);
+    let writer = writer.spawn(ingest_rx, window_rx, control_rx)?;
     Ok(Buffer {
         path,
         stream_ids,
         destinations: states,
         ingest,
+        window_ingest,
         control,
         committed,
         writer,
@@ -237,6 +241,7 @@ mod tests {
     fn close(b: Buffer) {
         drop(b.ingest);
         drop(b.control);
+        drop(b.window_ingest);
         b.writer.join().unwrap();
     }
 

@@ -198,10 +198,14 @@ impl Writer {
         }
     }
 
-    /// Runs the writer on a thread of its own until both channels are closed.
+    /// Runs the writer on a thread of its own until every channel is closed. `windows` carries
+    /// the window stages' commits: read even while the buffer is full under `block` (ingest is
+    /// not read then), since a window's commit is what lets the buffer drop the rows the window
+    /// held; behind device messages in `ingest` it could wait for ever.
     pub fn spawn(
         self,
         ingest: mpsc::Receiver<Envelope>,
+        windows: mpsc::Receiver<Envelope>,
         control: mpsc::Receiver<Control>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
@@ -217,7 +221,7 @@ impl Writer {
                         return;
                     }
                 };
-                rt.block_on(self.run(ingest, control));
+                rt.block_on(self.run(ingest, windows, control));
             })
     }
 
@@ -228,10 +232,12 @@ impl Writer {
     async fn run(
         mut self,
         mut ingest: mpsc::Receiver<Envelope>,
+        mut windows: mpsc::Receiver<Envelope>,
         mut control: mpsc::Receiver<Control>,
     ) {
         let mut held: Option<Envelope> = None;
         let mut ingest_open = true;
+        let mut windows_open = true;
         let mut control_open = true;
         let mut waiting_logged = false;
         loop {
@@ -266,7 +272,7 @@ impl Writer {
             if !ingest_open && held.is_none() && !self.committed.borrow().ingest_closed {
                 self.committed.send_modify(|c| c.ingest_closed = true);
             }
-            if !ingest_open && !control_open {
+            if !ingest_open && !control_open && !windows_open {
                 break;
             }
             let can_ingest = ingest_open && held.is_none();
@@ -275,6 +281,18 @@ impl Writer {
                 c = control.recv(), if control_open => match c {
                     Some(c) => self.control(c),
                     None => control_open = false,
+                },
+                w = windows.recv(), if windows_open => match w {
+                    // Committed whatever the bound: a window's rows are few and small, and its
+                    // commit frees what it held. Each in a group of its own.
+                    Some(env) => {
+                        let mut next = Some(env);
+                        while let Some(env) = next.take() {
+                            let mut none = mpsc::channel(1).1;
+                            self.group(env, &mut none, &mut next).await;
+                        }
+                    }
+                    None => windows_open = false,
                 },
                 e = ingest.recv(), if can_ingest => match e {
                     Some(env) => held = Some(env),
