@@ -39,14 +39,14 @@ pub fn rules(data: &[u8]) {
         serde_json::from_slice::<serde::de::IgnoredAny>(&out).expect("a rule writes JSON");
         // A windowed rule's input row reads back, accumulates and closes into JSON.
         if let Some(w) = rule.window() {
-            let (key, args) = w.parse_row(&out).expect("an input row reads back");
+            let input = w.parse_row(&out).expect("an input row reads back");
             let mut accs = w.accumulators();
             for _ in 0..2 {
-                for (acc, arg) in accs.iter_mut().zip(&args) {
+                for (acc, arg) in accs.iter_mut().zip(&input.args) {
                     acc.add(arg);
                 }
             }
-            if let Applied::Selected(Some(row)) = rule.close(&key, &accs, 60_000, true) {
+            if let Applied::Selected(Some(row)) = rule.close(&input.keys, &accs, 60_000, true) {
                 serde_json::from_slice::<serde::de::IgnoredAny>(&row)
                     .expect("a window writes JSON");
             }

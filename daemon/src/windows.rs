@@ -31,7 +31,8 @@ use crate::buffer::{store, Committed, WindowState};
 use crate::clock::now_ms;
 use crate::message::{Ack, Envelope, NewRecord, Outcome, WindowCommit};
 use crate::metrics as m;
-use crate::rules::window::Acc;
+use crate::rules::value::Value;
+use crate::rules::window::{Acc, InputRow};
 use crate::rules::{Applied, Rule};
 use crate::shutdown::Shutdown;
 
@@ -55,6 +56,8 @@ pub struct WindowStage {
 
 /// One group of an open window.
 struct Group {
+    /// The group's key values (its `GROUP BY` expressions).
+    keys: Vec<Value<'static>>,
     accs: Vec<Acc>,
     /// The partition key of the group's first row (its rows share the rule's key template).
     partition_key: String,
@@ -184,7 +187,7 @@ impl WindowStage {
                         late.increment(1);
                         continue;
                     }
-                    let Some((key, args)) = w.parse_row(&row.payload) else {
+                    let Some(InputRow { key, keys, args }) = w.parse_row(&row.payload) else {
                         skipped.increment(1);
                         continue;
                     };
@@ -200,6 +203,7 @@ impl WindowStage {
                         None => {
                             window.order.push(key.clone());
                             window.groups.entry(key).or_insert(Group {
+                                keys: keys.into_iter().map(Value::into_owned).collect(),
                                 accs: w.accumulators(),
                                 partition_key: row.partition_key,
                             })
@@ -239,7 +243,7 @@ impl WindowStage {
                         if dropped {
                             incomplete.increment(1);
                         }
-                        match rule.close(key, &group.accs, *start, dropped) {
+                        match rule.close(&group.keys, &group.accs, *start, dropped) {
                             Applied::Selected(Some(payload)) => records.push(NewRecord {
                                 stream: state.stream,
                                 arrival_ms: start + len,

@@ -42,7 +42,9 @@ pub fn eval<'a>(expr: &Expr, payload: &Value<'a>, ctx: &Context<'a>) -> Value<'a
     }
     match expr {
         Expr::Literal(v) => v.clone(),
-        Expr::Field(name) => payload.field(name).cloned().unwrap_or(Value::Undefined),
+        // Resolved by `lookup` above, whatever the payload.
+        Expr::Field(_) => unreachable!("a field is a path"),
+        // What `lookup` leaves: a member of a computed value (`get(a, 0).b`).
         Expr::Member(base, name) => match eval(base, payload, ctx) {
             Value::Object(fields) => fields
                 .into_iter()

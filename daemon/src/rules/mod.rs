@@ -152,20 +152,20 @@ impl Rule {
         self.window.as_ref()
     }
 
-    /// What a windowed rule's closed window makes of one group (`key` and `accs` as
-    /// [`window::Windowed`] keeps them).
+    /// What a windowed rule's closed window makes of one group (its key values and
+    /// accumulators).
     /// `inputs_dropped`: some of the window's input rows may have been removed by the buffer's
     /// `drop_oldest` before they were aggregated; an object row then says so in a field of that
     /// name.
     pub fn close(
         &self,
-        key: &[u8],
+        keys: &[Value],
         accs: &[window::Acc],
         start_ms: i64,
         inputs_dropped: bool,
     ) -> Applied {
         let w = self.window.as_ref().expect("a windowed rule");
-        let doc = w.document(key, accs, start_ms);
+        let doc = w.document(keys, accs, start_ms);
         let ctx = Context {
             topic: "",
             client_id: None,

@@ -336,29 +336,32 @@ fn the_error_message_has_iot_cores_error_action_shape() {
 fn window(sql: &str, payloads: &[&str]) -> Vec<Json> {
     let rule = Rule::parse(sql).unwrap();
     let w = rule.window().unwrap();
-    let mut groups: Vec<(Vec<u8>, Vec<window::Acc>)> = Vec::new();
+    let mut groups: Vec<(Vec<u8>, Vec<Value>, Vec<window::Acc>)> = Vec::new();
     for p in payloads {
         let Applied::Selected(Some(row)) = apply(&rule, p.as_bytes()) else {
             continue;
         };
-        let (key, args) = w.parse_row(&row).unwrap();
-        let slot = match groups.iter().position(|(k, _)| *k == key) {
+        let r = w.parse_row(&row).unwrap();
+        let slot = match groups.iter().position(|(k, _, _)| *k == r.key) {
             Some(i) => i,
             None => {
-                groups.push((key, w.accumulators()));
+                let keys = r.keys.into_iter().map(Value::into_owned).collect();
+                groups.push((r.key, keys, w.accumulators()));
                 groups.len() - 1
             }
         };
-        for (acc, arg) in groups[slot].1.iter_mut().zip(&args) {
+        for (acc, arg) in groups[slot].2.iter_mut().zip(&r.args) {
             acc.add(arg);
         }
     }
     groups
         .iter()
-        .map(|(k, accs)| match rule.close(k, accs, 60_000, false) {
-            Applied::Selected(Some(out)) => serde_json::from_slice(&out).unwrap(),
-            other => panic!("{other:?}"),
-        })
+        .map(
+            |(_, keys, accs)| match rule.close(keys, accs, 60_000, false) {
+                Applied::Selected(Some(out)) => serde_json::from_slice(&out).unwrap(),
+                other => panic!("{other:?}"),
+            },
+        )
         .collect()
 }
 

@@ -19,6 +19,14 @@ use super::parser::{Aggregate, Expr, GroupBy, Item, Projection};
 use super::value::Value;
 use super::SqlError;
 
+/// One input row read back: its group's key as JSON (which identifies the group) and as
+/// values, and the aggregates' arguments.
+pub struct InputRow<'a> {
+    pub key: Vec<u8>,
+    pub keys: Vec<Value<'a>>,
+    pub args: Vec<Value<'a>>,
+}
+
 /// A windowed rule's parts.
 #[derive(Debug, Clone)]
 pub struct Windowed {
@@ -194,10 +202,10 @@ impl Windowed {
         serde_json::to_vec(&Value::Array(row)).expect("values serialize")
     }
 
-    /// Splits an input row read back from the buffer into (the group's key, as a JSON array,
-    /// and the aggregates' arguments); None if it is not one of this rule's rows (the rule
-    /// changed since it was stored).
-    pub fn parse_row<'a>(&self, row: &'a [u8]) -> Option<(Vec<u8>, Vec<Value<'a>>)> {
+    /// Splits an input row read back from the buffer into the group's key (its values, and
+    /// their JSON, which identifies the group) and the aggregates' arguments; None if it is not
+    /// one of this rule's rows (the rule changed since it was stored).
+    pub fn parse_row<'a>(&self, row: &'a [u8]) -> Option<InputRow<'a>> {
         let Value::Array(mut values) = Value::parse(row).ok()? else {
             return None;
         };
@@ -205,8 +213,12 @@ impl Windowed {
             return None;
         }
         let args = values.split_off(self.keys.len());
-        let key = serde_json::to_vec(&Value::Array(values)).ok()?;
-        Some((key, args))
+        let key = serde_json::to_vec(&Value::Array(values.clone())).ok()?;
+        Some(InputRow {
+            key,
+            keys: values,
+            args,
+        })
     }
 
     /// Fresh accumulators for a new group.
@@ -218,14 +230,10 @@ impl Windowed {
     }
 
     /// The synthetic document of a closed window's group: its key values, aggregates and bounds.
-    pub fn document(&self, key: &[u8], accs: &[Acc], start_ms: i64) -> Value<'static> {
+    pub fn document<'k>(&self, keys: &[Value<'k>], accs: &[Acc], start_ms: i64) -> Value<'k> {
         let mut fields: Vec<(Cow<str>, Value)> = Vec::new();
-        let keys = match Value::parse(key) {
-            Ok(Value::Array(k)) => k.into_iter().map(Value::into_owned).collect(),
-            _ => Vec::new(),
-        };
-        for (i, k) in keys.into_iter().enumerate() {
-            fields.push((key_field(i).into(), k));
+        for (i, k) in keys.iter().enumerate() {
+            fields.push((key_field(i).into(), k.clone()));
         }
         for (i, a) in accs.iter().enumerate() {
             fields.push((agg_field(i).into(), a.value()));
