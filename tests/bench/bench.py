@@ -98,6 +98,21 @@ def proc_written(pid):
     return 0
 
 
+# The main table's streams: topic routing to one `file` destination.
+DEFAULT_STREAMS = """
+[streams.telemetry]
+topics = ["sensors/+/telemetry"]
+partition_key = "${{topic(2)}}"
+destinations = ["local"]
+[destinations.local]
+type = "file"
+root = "{out}"
+bucket = "bench"
+buffer_size = "{size}"
+buffer_interval = "{interval}"
+"""
+
+
 class Edgehose:
     """One `edgehose run` on a scratch directory with the benchmark config."""
 
@@ -115,28 +130,9 @@ cert = "{pki}/server.crt"
 key = "{pki}/server.key"
 client_ca = "{pki}/ca.crt"
 """
+        if streams is None:
+            streams = DEFAULT_STREAMS
         config = f"""
-[ingress]
-mode = "frontdoor"
-[ingress.frontdoor]
-listen = "127.0.0.1:{self.mqtt}"
-{tls}
-[buffer]
-path = "{self.scratch}/data/edgehose.db"
-{commit_overrides()}
-[admin]
-listen = "127.0.0.1:{self.admin}"
-[streams.telemetry]
-topics = ["sensors/+/telemetry"]
-partition_key = "${{topic(2)}}"
-destinations = ["local"]
-[destinations.local]
-type = "file"
-root = "{self.out}"
-bucket = "bench"
-buffer_size = "{size}"
-buffer_interval = "{interval}"
-""" if streams is None else f"""
 [ingress]
 mode = "frontdoor"
 [ingress.frontdoor]

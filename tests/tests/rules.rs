@@ -11,13 +11,16 @@ use serde_json::{json, Value};
 /// Raw readings to the `telemetry` bucket (the harness's stream); a rule that keeps alarms,
 /// reshaped, to `alerts`; its failures, as IoT Core's error-action messages, to `rule-errors`;
 /// a rule with no error stream, whose failures are refused.
+/// The body of a `file` destination writing `bucket` under the scratch directory's `out/`,
+/// flushed every second.
+fn file(dir: &Path, bucket: &str) -> String {
+    format!(
+        "type = \"file\"\nroot = \"{}\"\nbucket = \"{bucket}\"\nbuffer_interval = \"1s\"\n",
+        dir.join("out").display()
+    )
+}
+
 fn setup(dir: &Path) -> Setup {
-    let file = |bucket: &str| {
-        format!(
-            "type = \"file\"\nroot = \"{}\"\nbucket = \"{bucket}\"\nbuffer_interval = \"1s\"\n",
-            dir.join("out").display()
-        )
-    };
     Setup {
         extra: format!(
             r#"
@@ -38,8 +41,8 @@ destinations = ["alerts"]
 [destinations.errors]
 {errors}
 "#,
-            alerts = file("alerts"),
-            errors = file("rule-errors"),
+            alerts = file(dir, "alerts"),
+            errors = file(dir, "rule-errors"),
         ),
         ..Setup::default()
     }
@@ -204,12 +207,6 @@ fn windows_survive_kill_9_under_load_and_match_the_raw_output() {
     const DEVICES: usize = 10;
     const WINDOW_MS: i64 = 2000;
     let dir = tempfile::tempdir().unwrap();
-    let file = |bucket: &str| {
-        format!(
-            "type = \"file\"\nroot = \"{}\"\nbucket = \"{bucket}\"\nbuffer_interval = \"1s\"\n",
-            dir.path().join("out").display()
-        )
-    };
     let setup = Setup {
         extra: format!(
             r#"
@@ -227,8 +224,8 @@ destinations = ["raw"]
 [destinations.raw]
 {raw}
 "#,
-            agg = file("windows"),
-            raw = file("raw"),
+            agg = file(dir.path(), "windows"),
+            raw = file(dir.path(), "raw"),
         ),
         ..Setup::default()
     };
@@ -344,12 +341,8 @@ allowed_lateness = "0s"
 destinations = ["agg"]
 
 [destinations.agg]
-type = "file"
-root = "{}"
-bucket = "windows"
-buffer_interval = "1s"
-"#,
-            dir.path().join("out").display()
+{}"#,
+            file(dir.path(), "windows")
         ),
         ..Setup::default()
     };
