@@ -18,8 +18,10 @@ Systems:
              destination, everything else as configured by default (synchronous = "full")
   rumqttd    a standalone rumqttd 0.20 relaying to an in-process subscriber that does nothing
              (tests/src/bin/rumqttd-relay.rs): PUBACK from memory, nothing durable
-  mosquitto  Debian's mosquitto relaying to one rumqttc subscriber that does nothing
-             (tests/src/bin/null-sub.rs)
+  mosquitto  Debian's mosquitto (unlimited inflight and queue, no persistence, no log) relaying
+             to one lean subscriber that does nothing (tests/src/bin/null-sub.rs: a plain
+             socket and an MQTT codec, QoS 0 subscription, its CPU share reported: it is not
+             what limits the relay)
 The load is firmware-sim's realistic 200-byte JSON from 100 devices (--engine raw: a lean MQTT
 writer per device, so the load generator leaves the daemon most of the 2 cores).
 
@@ -51,6 +53,8 @@ import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.path.join(ROOT, os.environ.get("BENCH_BIN", "target/release"))
+# The daemon under test: BENCH_EDGEHOSE, or BIN's (--dist: the profile that ships on a gateway).
+EDGEHOSE = os.environ.get("BENCH_EDGEHOSE") or os.path.join(BIN, "edgehose")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -117,7 +121,7 @@ class Edgehose:
     """One `edgehose run` on a scratch directory with the benchmark config."""
 
     def __init__(self, root=None, interval="1s", size="5MiB", scratch=None, pki=None,
-                 streams=None):
+                 streams=None, wrap=()):
         self.scratch = scratch or tempfile.mkdtemp(prefix="edgehose-bench-")
         self.mqtt = free_port()
         self.admin = free_port()
@@ -151,7 +155,7 @@ listen = "127.0.0.1:{self.admin}"
         self.log = open(os.path.join(self.scratch, "edgehose.log"), "a")
         self.started = time.time()
         self.proc = subprocess.Popen(
-            [os.path.join(BIN, "edgehose"), "run", "--config", self.config],
+            [*wrap, EDGEHOSE, "run", "--config", self.config],
             stdout=subprocess.DEVNULL, stderr=self.log)
         self.ready_after = self.wait_ready()
 
@@ -205,9 +209,9 @@ listen = "127.0.0.1:{self.admin}"
         self.log.close()
 
 
-def sim(port, devices, messages, rate=0.0, qos=1, extra=()):
+def sim(port, devices, messages, rate=0.0, qos=1, extra=(), pin=()):
     out = subprocess.run(
-        [os.path.join(BIN, "firmware-sim"), "--port", str(port), "--devices", str(devices),
+        [*pin, os.path.join(BIN, "firmware-sim"), "--port", str(port), "--devices", str(devices),
          "--messages", str(messages), "--rate", str(rate), "--qos", str(qos),
          "--engine", "raw", "--payload-size", "200", "--json", *extra],
         capture_output=True, text=True)
@@ -216,8 +220,9 @@ def sim(port, devices, messages, rate=0.0, qos=1, extra=()):
     return json.loads(out.stdout)
 
 
-def relay_run(kind, total, qos, devices, per):
-    """A baseline relay run: (delivered msg/s, devices' publish msg/s, received)."""
+def relay_run(kind, total, qos, devices, per, info=None):
+    """A baseline relay run: (delivered msg/s, devices' publish msg/s, received). With `info`
+    (a dict), the mosquitto subscriber's CPU share over the run goes in info["sub_cpu_share"]."""
     port = free_port()
     scratch = tempfile.mkdtemp(prefix="relay-bench-")
     procs = []
@@ -250,10 +255,14 @@ def relay_run(kind, total, qos, devices, per):
             procs.append(relay)
             relay.stderr.readline()  # "ready"
         start = now_ms()
+        broker_cpu0 = proc_cpu_s(procs[0].pid)
         s = sim(port, devices, per, qos=qos)
         # The relay prints its count once it has everything (or went idle), then keeps serving.
         r = json.loads(relay.stdout.readline())
         took = max(r["last_ms"] - start, 1)
+        if info is not None and "cpu_s" in r:
+            info["sub_cpu_share"] = r["cpu_s"] / (took / 1000.0)
+            info["broker_cpu_share"] = (proc_cpu_s(procs[0].pid) - broker_cpu0) / (took / 1000.0)
         return r["received"] * 1000.0 / took, s["rate_msg_s"], r["received"]
     finally:
         for p in procs:
@@ -276,9 +285,24 @@ def tls_args(pki):
             "--tls-key", f"{pki}/devices/fleet.key")
 
 
-def edgehose_ingest(total, qos, devices, per, pki=None, streams=None):
-    """(committed msg/s, devices' publish msg/s, peak RSS KiB, CPU s per million, committed)."""
+def edgehose_ingest(total, qos, devices, per, pki=None, streams=None, info=None):
+    """(committed msg/s, devices' publish msg/s, peak RSS KiB, CPU s per million, committed).
+    With `info` (a dict), the peak of the anonymous part of the RSS (RssAnon, sampled every
+    20 ms; the rest is the binary's code, file-backed) goes in info["anon_peak_kib"]."""
     gw = Edgehose(pki=pki, streams=streams)
+    stop = threading.Event()
+    anon = [0]
+
+    def sample():
+        while not stop.wait(0.02):
+            try:
+                anon[0] = max(anon[0], proc_status(gw.pid, "RssAnon"))
+            except (OSError, ValueError, TypeError):
+                pass
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if info is not None:
+        sampler.start()
     try:
         cpu0 = proc_cpu_s(gw.pid)
         start = time.time()
@@ -299,12 +323,17 @@ def edgehose_ingest(total, qos, devices, per, pki=None, streams=None):
             committed = s["acknowledged"]
         cpu = proc_cpu_s(gw.pid) - cpu0
         hwm = proc_status(gw.pid, "VmHWM")
+        if info is not None:
+            stop.set()
+            sampler.join()
+            info["anon_peak_kib"] = anon[0]
         return committed / (done - start), s["rate_msg_s"], hwm, cpu / committed * 1e6, committed, sent
     finally:
+        stop.set()
         gw.stop()
 
 
-def steady(rate, seconds, devices=100, interval="1s"):
+def steady(rate, seconds, devices=100, interval="1s", spread=None):
     """A steady load: PUBACK latencies, RSS samples, CPU and bytes written."""
     gw = Edgehose(interval=interval)
     samples = []
@@ -318,7 +347,9 @@ def steady(rate, seconds, devices=100, interval="1s"):
     try:
         cpu0, w0 = proc_cpu_s(gw.pid), proc_written(gw.pid)
         t.start()
-        s = sim(gw.mqtt, devices, max(1, int(rate / devices * seconds)), rate=rate / devices)
+        extra = () if spread is None else ("--spread", str(spread))
+        s = sim(gw.mqtt, devices, max(1, int(rate / devices * seconds)), rate=rate / devices,
+                extra=extra)
         gw.wait_metric("edgehose_records_committed_total", s["published"], timeout=60)
         stop.set()
         cpu = proc_cpu_s(gw.pid) - cpu0
@@ -480,7 +511,13 @@ def main():
                     help="only the IoT rules figures: QoS 1 ingest with three rules against "
                          "topic routing (alternated), 10,000 devices with one-minute windows "
                          "(RSS, bytes and PUT units saved)")
+    ap.add_argument("--frugal", action="store_true",
+                    help="only the Pi-scale figures (issue 15): peak ingest beside the relays, "
+                         "latency at half load, CPU per message at 10,000 and 1,000 msg/s, "
+                         "10,000 idle devices, the highest rate within a Pi-sized cgroup")
     a = ap.parse_args()
+    if a.frugal:
+        return main_frugal(a)
     if a.tls:
         return main_tls(a)
     if a.rules:
@@ -822,6 +859,272 @@ def main_rules(a):
     v = max(len(r[1]) for r in rows)
     for name, value, target in rows:
         print(f"{name:<{w}}  {value:<{v}}  {target}")
+
+
+def idle_devices(devices, seconds):
+    """`devices` connect, publish one message each, then stay connected and silent for
+    `seconds` (their second and last message comes at the end): RSS and CPU share while idle
+    (measured over the middle of the quiet time)."""
+    gw = Edgehose()
+    out = {}
+
+    def watch():
+        time.sleep(seconds * 0.4)
+        c0, t0 = proc_cpu_s(gw.pid), time.time()
+        time.sleep(seconds * 0.4)
+        out["idle_cpu_share"] = (proc_cpu_s(gw.pid) - c0) / (time.time() - t0)
+        out["rss_kib"] = proc_status(gw.pid, "VmRSS")
+        out["anon_kib"] = proc_status(gw.pid, "RssAnon")
+
+    t = threading.Thread(target=watch, daemon=True)
+    try:
+        t.start()
+        s = sim(gw.mqtt, devices, 2, rate=1.0 / seconds, extra=("--spread", "3"))
+        t.join()
+        out["hwm_kib"] = proc_status(gw.pid, "VmHWM")
+        out["acknowledged"] = s["acknowledged"]
+        return out
+    finally:
+        gw.stop()
+
+
+class Budget:
+    """A cgroup standing in for a small Pi: the daemon confined to one core (cpuset) at a CPU
+    quota (CFS, 10 ms period so that the quota throttles in small slices, as a slower core
+    would, rather than 70 ms stalls) under a memory ceiling. A stand-in, not a Pi: a Pi's core
+    is slower at everything, its SD card slower than this disk. Needs root and cgroup v1 or v2."""
+
+    def __init__(self, cpu_share=0.3, memory_mib=256, period_us=10_000):
+        self.name = f"edgehose-bench-pi-{os.getpid()}-{time.monotonic_ns()}"
+        self.cpu = os.cpu_count() - 1
+        quota = int(period_us * cpu_share)
+        mem = memory_mib * 2**20
+        self.dirs, procs = [], []
+
+        def write(path, value):
+            with open(path, "w") as f:
+                f.write(str(value))
+
+        try:
+            if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+                try:
+                    write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu +cpuset +memory")
+                except OSError:
+                    pass
+                d = f"/sys/fs/cgroup/{self.name}"
+                os.mkdir(d)
+                self.dirs.append(d)
+                write(f"{d}/cpu.max", f"{quota} {period_us}")
+                write(f"{d}/cpuset.cpus", self.cpu)
+                write(f"{d}/memory.max", mem)
+                procs.append(f"{d}/cgroup.procs")
+            else:
+                for ctl, settings in (
+                        ("cpu", [("cpu.cfs_period_us", period_us), ("cpu.cfs_quota_us", quota)]),
+                        ("cpuset", [("cpuset.cpus", self.cpu), ("cpuset.mems", 0)]),
+                        ("memory", [("memory.limit_in_bytes", mem)])):
+                    d = f"/sys/fs/cgroup/{ctl}/{self.name}"
+                    os.mkdir(d)
+                    self.dirs.append(d)
+                    for k, v in settings:
+                        write(f"{d}/{k}", v)
+                    procs.append(f"{d}/cgroup.procs")
+        except OSError:
+            self.remove()
+            raise
+        # The daemon joins the cgroups before it starts (so do all its threads).
+        self.wrap = ("sh", "-c", "for f in " + " ".join(procs)
+                     + '; do echo $$ > "$f" || exit 1; done; exec "$@"', "sh")
+        # The load generator stays off the daemon's core.
+        self.pin = ("taskset", "-c", ",".join(str(c) for c in range(self.cpu)) or "0")
+
+    def remove(self):
+        for d in self.dirs:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        self.dirs = []
+
+
+def budget_step(rate, seconds, devices=100):
+    """One steady run at `rate` inside a fresh Budget: whether the daemon sustained it."""
+    b = Budget()
+    gw = None
+    try:
+        gw = Edgehose(wrap=b.wrap)
+        cpu0, t0 = proc_cpu_s(gw.pid), time.time()
+        s = sim(gw.mqtt, devices, max(1, int(rate / devices * seconds)), rate=rate / devices,
+                pin=b.pin)
+        caught_up = True
+        try:
+            gw.wait_metric("edgehose_records_committed_total", s["published"], timeout=10)
+        except RuntimeError:
+            caught_up = False
+        took = time.time() - t0
+        r = {"target": rate, "rate": s["rate_msg_s"], "p99": s["puback_latency_ms_p99"],
+             "max": s["puback_latency_ms_max"], "cpu_share": (proc_cpu_s(gw.pid) - cpu0) / took,
+             "hwm_kib": proc_status(gw.pid, "VmHWM"), "caught_up": caught_up}
+        r["ok"] = caught_up and r["rate"] >= 0.97 * rate and r["p99"] <= 50
+        return r
+    finally:
+        if gw:
+            gw.stop()
+        b.remove()
+
+
+def pi_budget(seconds, steps=(2_500, 5_000, 10_000, 20_000, 30_000, 40_000, 60_000, 80_000)):
+    """The highest steady QoS 1 rate (100 devices) the daemon sustains inside a Budget with
+    PUBACK p99 <= 50 ms and everything committed: rising steps, then one bisection."""
+    best, tried = None, []
+    for rate in steps:
+        r = budget_step(rate, seconds)
+        tried.append(r)
+        print(f"  pi budget {rate:,} msg/s: {r}", file=sys.stderr, flush=True)
+        if not r["ok"]:
+            break
+        best = r
+    if best and not tried[-1]["ok"]:
+        r = budget_step((best["target"] + tried[-1]["target"]) // 2, seconds)
+        tried.append(r)
+        print(f"  pi budget {r['target']:,} msg/s: {r}", file=sys.stderr, flush=True)
+        if r["ok"]:
+            best = r
+    return best, tried
+
+
+def main_frugal(a):
+    """Issue 15's figures, same run: peak ingest beside the relays (mosquitto's subscriber CPU
+    shown), latency at half load, CPU per message at everyday rates, idle devices, the Pi
+    budget."""
+    runs = 1 if a.quick else a.runs
+    q = a.quick
+    per = 200 if q else 5000
+    total = 100 * per
+    log = lambda *x: print(*x, file=sys.stderr, flush=True)
+    fig = {}
+    e1, anon, hwm1, cpu1 = [], [], [], []
+    for r in range(runs):
+        info = {}
+        rate, _, hwm, cpu, committed, sent = edgehose_ingest(total, 1, 100, per, info=info)
+        if committed < sent:
+            raise SystemExit(f"QoS 1: {sent - committed:.0f} messages lost")
+        e1.append(rate)
+        hwm1.append(hwm / 1024)
+        anon.append(info["anon_peak_kib"] / 1024)
+        cpu1.append(cpu)
+        log(f"qos1 edgehose run {r + 1}: {rate:,.0f} msg/s, RSS {hwm / 1024:.1f} MiB "
+            f"(anon {info['anon_peak_kib'] / 1024:.1f})")
+    fig["qos1"], fig["rss_max"], fig["anon_max"] = summary(e1), summary(hwm1), summary(anon)
+    fig["cpu_max"] = summary(cpu1)
+    for system in ("rumqttd", "mosquitto"):
+        rates, subs, brokers = [], [], []
+        for r in range(runs):
+            info = {}
+            try:
+                rate, _, received = relay_run(system, total, 1, 100, per, info=info)
+            except RuntimeError as e:
+                log(f"qos1 {system} run {r + 1}: failed: {str(e)[:200]}")
+                continue
+            rates.append(rate)
+            if "sub_cpu_share" in info:
+                subs.append(info["sub_cpu_share"])
+                brokers.append(info["broker_cpu_share"])
+            log(f"qos1 {system} run {r + 1}: {rate:,.0f} msg/s ({received} of {total}) {info}")
+        fig[f"qos1_{system}"] = summary(rates)
+        if subs:
+            fig[f"qos1_{system}_sub_cpu"] = summary(subs)
+            fig[f"qos1_{system}_broker_cpu"] = summary(brokers)
+    e0 = []
+    for r in range(runs):
+        rate, *_ = edgehose_ingest(total, 0, 100, per)
+        e0.append(rate)
+        log(f"qos0 edgehose run {r + 1}: {rate:,.0f} msg/s")
+    fig["qos0"] = summary(e0)
+    half = fig["qos1"]["median"] / 2
+    lat = [steady(half, 3 if q else 20) for _ in range(runs)]
+    fig["half_rate"] = summary([x["rate"] for x in lat])
+    for k in ("p50", "p99", "max"):
+        fig[f"half_{k}"] = summary([x[k] for x in lat])
+    log(f"half load: {fig['half_p99']} p99")
+    c10 = [steady(2000 if q else 10_000, 5 if q else 30) for _ in range(runs)]
+    fig["cpu_10k"] = summary([x["cpu_s_per_million"] for x in c10])
+    fig["p99_10k"] = summary([x["p99"] for x in c10])
+    c1 = [steady(200 if q else 1_000, 5 if q else 30, devices=200 if q else 1_000, spread=1)
+          for _ in range(runs)]
+    fig["cpu_1k"] = summary([x["cpu_s_per_million"] for x in c1])
+    log(f"CPU per million: 10k {fig['cpu_10k']}, 1k {fig['cpu_1k']}")
+    idle_n = 200 if q else 10_000
+    idle = [idle_devices(idle_n, 10 if q else 30) for _ in range(runs)]
+    fig["idle_devices"] = idle_n
+    fig["idle_rss"] = summary([x["rss_kib"] / 1024 for x in idle])
+    fig["idle_anon"] = summary([x["anon_kib"] / 1024 for x in idle])
+    fig["idle_cpu"] = summary([x["idle_cpu_share"] * 100 for x in idle])
+    fig["idle_acked"] = min(x["acknowledged"] for x in idle)
+    log(f"idle: {fig['idle_rss']} MiB")
+    pi = []
+    try:
+        for _ in range(runs):
+            best, tried = pi_budget(3 if q else 10,
+                                    steps=(1_000, 2_000) if q else (2_500, 5_000, 10_000, 20_000,
+                                                                    30_000, 40_000, 60_000))
+            pi.append((best, tried))
+    except OSError as e:
+        fig["pi_error"] = f"no cgroup budget here ({e})"
+    if pi:
+        fig["pi_rate"] = summary([b["rate"] if b else 0 for b, _ in pi])
+        fig["pi_p99"] = summary([b["p99"] if b else 0 for b, _ in pi])
+        fig["pi_rss"] = summary([b["hwm_kib"] / 1024 if b else 0 for b, _ in pi])
+        fig["pi_first_fail"] = [t[-1] for _, t in pi if not t[-1]["ok"]]
+    m = machine()
+    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, {m['date']}; daemon {EDGEHOSE}; "
+          f"median [min-max] of {runs} run(s)\n")
+    qos1 = fig["qos1"]["median"]
+    ratio = lambda k: f"edgehose = {qos1 / fig[k]['median']:.2f}x" if fig.get(k) else "-"
+    rows = [
+        ("QoS 1 ingest, 100 clients, durable commits", fmt(fig["qos1"], " msg/s"), ""),
+        ("  rumqttd relay (PUBACK from memory)", fmt(fig.get("qos1_rumqttd"), " msg/s"),
+         ratio("qos1_rumqttd") + " (>= 0.7x)"),
+        ("  mosquitto relay, lean QoS 0 subscriber", fmt(fig.get("qos1_mosquitto"), " msg/s"),
+         ratio("qos1_mosquitto")),
+        ("    the subscriber's CPU (share of a core)", fmt(fig.get("qos1_mosquitto_sub_cpu"), "", 2),
+         "well under 1: not the bottleneck"),
+        ("    mosquitto's CPU (share of a core; it is single-threaded)",
+         fmt(fig.get("qos1_mosquitto_broker_cpu"), "", 2), ""),
+        ("QoS 0 ingest", fmt(fig["qos0"], " msg/s"), ">= 500,000"),
+        ("peak RSS at the maximum QoS 1 rate", fmt(fig["rss_max"], " MiB", 1), "<= 24 MiB"),
+        ("  of which anonymous (the rest: the binary's code)", fmt(fig["anon_max"], " MiB", 1), ""),
+        ("CPU per million at the maximum rate", fmt(fig["cpu_max"], " s", 2), ""),
+        (f"publish -> committed at {fmt(fig['half_rate'])} msg/s (half): p50",
+         fmt(fig["half_p50"], " ms", 1), ""),
+        ("  p99", fmt(fig["half_p99"], " ms", 1), "<= 10 ms"),
+        ("  max", fmt(fig["half_max"], " ms", 1), "<= 50 ms"),
+        ("CPU per million at 10,000 msg/s (100 devices)", fmt(fig["cpu_10k"], " s", 1), "<= 6 s"),
+        ("  PUBACK p99 there", fmt(fig["p99_10k"], " ms", 1), ""),
+        ("CPU per million at 1,000 msg/s (1,000 devices)", fmt(fig["cpu_1k"], " s", 1),
+         "within 2x of 10,000 msg/s"),
+        (f"{idle_n:,} idle devices: RSS", fmt(fig["idle_rss"], " MiB", 1), "<= 40 MiB"),
+        ("  of which anonymous", fmt(fig["idle_anon"], " MiB", 1), ""),
+        ("  daemon CPU while idle (% of a core)", fmt(fig["idle_cpu"], " %", 2),
+         f"<= 0.5% ({fig['idle_acked']:,} acked, worst run)"),
+    ]
+    if pi:
+        rows += [
+            ("Pi budget (1 core at 30%, 256 MiB; a stand-in): sustained QoS 1",
+             fmt(fig["pi_rate"], " msg/s"), ">= 20,000 with p99 <= 50 ms"),
+            ("  its PUBACK p99", fmt(fig["pi_p99"], " ms", 1), ""),
+            ("  its peak RSS", fmt(fig["pi_rss"], " MiB", 1), ""),
+        ]
+    else:
+        rows.append(("Pi budget", fig.get("pi_error", "-"), ""))
+    w = max(len(r[0]) for r in rows)
+    v = max(len(r[1]) for r in rows)
+    for name, value, target in rows:
+        print(f"{name:<{w}}  {value:<{v}}  {target}")
+    for f in fig.get("pi_first_fail", []):
+        print(f"  Pi budget, first rate not sustained: {f}")
 
 
 def fmt(s, unit="", digits=0):

@@ -46,8 +46,13 @@ CREATE TABLE IF NOT EXISTS windows (
 );
 ";
 
-/// SQLite's page cache per connection, in KiB (negative `cache_size` means KiB).
-const CACHE_KIB: i64 = 4096;
+/// SQLite's page cache of the writer, in KiB (negative `cache_size` means KiB). The writer
+/// appends: what it needs cached is the active segment's B-tree path and the small tables, not
+/// the blocks it wrote (measured: 4 MiB and 1 MiB commit at the same rate; BENCHMARKS.md).
+const CACHE_KIB: i64 = 1024;
+/// A reader's page cache, in KiB: readers scan each block once, in order, so a cache only
+/// holds what was already read (SQLite's default would be 2 MiB per connection).
+const READER_CACHE_KIB: i64 = 256;
 
 /// Opens (creating if needed) the buffer for writing.
 pub fn open_writer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
@@ -90,6 +95,7 @@ pub fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
     Ok(conn)
 }
 
