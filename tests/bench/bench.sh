@@ -3,7 +3,9 @@
 # relays rumqttd-relay and null-sub), makes sure Debian's mosquitto is there, and runs
 # tests/bench/bench.py, which prints every figure of BENCHMARKS.md's main table with the
 # rumqttd and mosquitto baselines measured in the same run.
-#   tests/bench/bench.sh [--runs 3] [--json] [--quick] [--tls | --rules]
+#   tests/bench/bench.sh [--runs 3] [--json] [--quick] [--tls | --rules | --frugal]
+# --frugal measures the daemon as it ships on a gateway: the `dist` profile (size-optimised,
+# LTO), built here too (a few more minutes); its memory figures include the binary's code.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
@@ -21,5 +23,9 @@ if [[ " $* " == *" --quick "* ]]; then
     export BENCH_BIN=target/debug
 else
     cargo build --locked --release -j2 -p edgehose -p firmware-sim -p edgehose-tests --bins >&2
+    if [[ " $* " == *" --frugal "* ]]; then
+        cargo build --locked --profile dist -j2 -p edgehose >&2
+        export BENCH_EDGEHOSE=target/dist/edgehose
+    fi
 fi
 exec python3 tests/bench/bench.py "$@"
