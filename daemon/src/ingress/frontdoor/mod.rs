@@ -266,7 +266,7 @@ async fn serve_tls<H: Send + 'static>(
     let handshake = Box::pin(tls.accept(stream));
     match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok((stream, cert))) => {
-            peer.certificate = cert;
+            peer.certificate = cert.map(Box::new);
             let (rd, wr) = tokio::io::split(stream);
             connection::serve(rd, wr, peer, shared, shutdown).await;
         }
