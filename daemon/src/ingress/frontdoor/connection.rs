@@ -62,24 +62,52 @@ const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 /// buffer could not store the message (the connection then closes so the device resends it).
 type AckEvent = (u16, Option<Outcome>);
 
-/// Completes into the connection's channel; if dropped uncompleted, says so.
+/// Ack completions on their way back to a connection: pushed by the buffer's writer, drained
+/// by the connection. Lighter than a channel (an unbounded mpsc allocates its cache-padded state
+/// and a first block of slots up front, ~0.7 KiB for each of 10,000 idle devices); bounded by
+/// the connection's window (`receive_maximum`).
+#[derive(Default)]
+struct AckQueue {
+    events: std::sync::Mutex<std::collections::VecDeque<AckEvent>>,
+    /// Notified after every push (a permit is kept if the connection is not waiting).
+    ready: Notify,
+}
+
+impl AckQueue {
+    fn push(&self, event: AckEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(event);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<AckEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
+/// Completes into the connection's queue; if dropped uncompleted, says so.
 struct AckGuard {
-    tx: Option<mpsc::UnboundedSender<AckEvent>>,
+    queue: Option<Arc<AckQueue>>,
     pkid: u16,
 }
 
 impl AckGuard {
     fn complete(mut self, outcome: Outcome) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send((self.pkid, Some(outcome)));
+        if let Some(q) = self.queue.take() {
+            q.push((self.pkid, Some(outcome)));
         }
     }
 }
 
 impl Drop for AckGuard {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send((self.pkid, None));
+        if let Some(q) = self.queue.take() {
+            q.push((self.pkid, None));
         }
     }
 }
@@ -332,7 +360,7 @@ where
         codec,
         client_id,
         inflight: 0,
-        acks: mpsc::unbounded_channel(),
+        acks: Arc::default(),
         // Unacknowledged QoS 1 messages we send the device: its Receive Maximum, or 32.
         out_window: receive_maximum.unwrap_or(32).clamp(1, 1024) as usize,
         outgoing: Vec::new(),
@@ -387,10 +415,7 @@ struct Connection {
     client_id: String,
     /// QoS 1 publishes handed to the buffer and not yet acknowledged.
     inflight: usize,
-    acks: (
-        mpsc::UnboundedSender<AckEvent>,
-        mpsc::UnboundedReceiver<AckEvent>,
-    ),
+    acks: Arc<AckQueue>,
     /// How many QoS 1 messages we may have unacknowledged at the device.
     out_window: usize,
     /// QoS 1 messages sent to the device and not yet acknowledged, in sending order.
@@ -537,8 +562,8 @@ impl Connection {
                     let _ = wr.write_all(outbuf).await;
                     return End::Abnormal("taken over by a newer connection with the same client id");
                 }
-                Some(event) = self.acks.1.recv() => {
-                    if let Err(end) = self.acked(event, outbuf) {
+                _ = self.acks.ready.notified() => {
+                    if let Err(end) = self.acked(outbuf) {
                         let _ = wr.write_all(outbuf).await;
                         return end;
                     }
@@ -587,13 +612,15 @@ impl Connection {
                     // Stop reading; send the acks of what was taken; then say goodbye.
                     let until = Instant::now() + SHUTDOWN_ACK_WAIT;
                     while self.inflight > 0 {
-                        match tokio::time::timeout_at(until, self.acks.1.recv()).await {
-                            Ok(Some(event)) => {
-                                if self.acked(event, outbuf).is_err() {
-                                    break;
-                                }
-                            }
-                            _ => break,
+                        if self.acked(outbuf).is_err() {
+                            break;
+                        }
+                        if self.inflight == 0 {
+                            break;
+                        }
+                        let acks = Arc::clone(&self.acks);
+                        if tokio::time::timeout_at(until, acks.ready.notified()).await.is_err() {
+                            break;
                         }
                     }
                     let _ = self.codec.write(Out::Disconnect(DisconnectReason::ServerShuttingDown), outbuf);
@@ -727,9 +754,8 @@ impl Connection {
     }
 
     /// Writes the PUBACK for a completed message (and any others already completed).
-    fn acked(&mut self, first: AckEvent, outbuf: &mut BytesMut) -> Result<(), End> {
-        let mut event = Some(first);
-        while let Some((pkid, outcome)) = event {
+    fn acked(&mut self, outbuf: &mut BytesMut) -> Result<(), End> {
+        while let Some((pkid, outcome)) = self.acks.pop() {
             self.inflight -= 1;
             let refused = match outcome {
                 Some(Outcome::Committed) => None,
@@ -740,7 +766,6 @@ impl Connection {
                 None => return Err(End::Abnormal("the buffer could not store a message")),
             };
             let _ = self.codec.write(Out::PubAck { pkid, refused }, outbuf);
-            event = self.acks.1.try_recv().ok();
         }
         Ok(())
     }
@@ -813,7 +838,7 @@ impl Connection {
                 let ack = if qos == 1 {
                     self.inflight += 1;
                     let guard = AckGuard {
-                        tx: Some(self.acks.0.clone()),
+                        queue: Some(Arc::clone(&self.acks)),
                         pkid,
                     };
                     Ack::new(move |outcome| {
