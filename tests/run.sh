@@ -81,6 +81,9 @@ tests/package.sh
 echo "== the benchmark harness, quick mode (every figure once, tiny loads; speed not judged)"
 tests/bench/bench.sh --quick > target/bench-quick.txt
 tail -n 30 target/bench-quick.txt
+# The Pi-scale figures too (a cgroup budget where this machine allows one; without, it says so).
+tests/bench/bench.sh --frugal --quick > target/bench-frugal-quick.txt
+tail -n 30 target/bench-frugal-quick.txt
 echo "== cargo test"
 status=0
 cargo test --locked -j2 --workspace --no-fail-fast || status=$?

@@ -1,8 +1,9 @@
 //! Admin HTTP on a loopback address: `/healthz` and `/metrics` (Prometheus text format).
 //!
 //! `/healthz` answers with a JSON body (see [`crate::health::Report`]): status `ok`, or
-//! `degraded` when a destination is down (records are buffered; 200 either way), or `failing`
-//! when the buffer does not take writes (503).
+//! `degraded` when a destination is down (records are buffered; 200 either way), `starting`
+//! until ingress listens (503: the admin listener opens first, and a 200 must mean devices can
+//! connect), or `failing` when the buffer does not take writes (503).
 //!
 //! With `admin.token_file`, every request must carry `Authorization: Bearer <token>` (401
 //! otherwise; compared in constant time); the token is read once at start.
@@ -52,7 +53,7 @@ pub async fn serve(
             get(move || {
                 let report = health.report();
                 async move {
-                    let code = if report.buffer.accepts_writes {
+                    let code = if report.ready && report.buffer.accepts_writes {
                         StatusCode::OK
                     } else {
                         StatusCode::SERVICE_UNAVAILABLE
@@ -132,7 +133,9 @@ mod tests {
             .build_recorder()
             .handle();
         let (_trigger, shutdown) = crate::shutdown::channel();
-        let server = serve(addr, Some(&token), metrics, Health::default(), shutdown)
+        let health = Health::default();
+        health.set_ready();
+        let server = serve(addr, Some(&token), metrics, health, shutdown)
             .await
             .unwrap();
         tokio::spawn(server);

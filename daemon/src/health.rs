@@ -26,6 +26,8 @@ pub struct DestinationHealth {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Set once ingress listens: before that devices cannot connect, whatever the rest says.
+    ready: bool,
     /// None while the buffer takes writes; else why it does not.
     buffer_error: Option<String>,
     destinations: Vec<DestinationHealth>,
@@ -38,9 +40,12 @@ pub struct Health(Arc<Mutex<Inner>>);
 /// The body of `/healthz`.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `ok`, `degraded` (a destination is down; records are buffered) or `failing` (the buffer
-    /// does not take writes: devices are refused or wait).
+    /// `ok`, `degraded` (a destination is down; records are buffered), `starting` (ingress is
+    /// not listening yet) or `failing` (the buffer does not take writes: devices are refused or
+    /// wait).
     pub status: &'static str,
+    /// Whether ingress listens (devices can connect).
+    pub ready: bool,
     pub buffer: BufferHealth,
     pub destinations: Vec<DestinationHealth>,
 }
@@ -75,6 +80,11 @@ impl Health {
         }
     }
 
+    /// Ingress listens: the gateway is ready for devices.
+    pub fn set_ready(&self) {
+        self.lock().ready = true;
+    }
+
     pub fn set_buffer_error(&self, error: Option<String>) {
         self.lock().buffer_error = error;
     }
@@ -83,6 +93,8 @@ impl Health {
         let inner = self.lock();
         let status = if inner.buffer_error.is_some() {
             "failing"
+        } else if !inner.ready {
+            "starting"
         } else if inner.destinations.iter().any(|d| !d.up) {
             "degraded"
         } else {
@@ -90,6 +102,7 @@ impl Health {
         };
         Report {
             status,
+            ready: inner.ready,
             buffer: BufferHealth {
                 accepts_writes: inner.buffer_error.is_none(),
                 error: inner.buffer_error.clone(),
@@ -106,6 +119,8 @@ mod tests {
     #[test]
     fn status_follows_the_worst_part() {
         let h = Health::default();
+        assert_eq!(h.report().status, "starting");
+        h.set_ready();
         let d = h.add_destination("local");
         assert_eq!(h.report().status, "ok");
         h.update(d, |d| d.up = false);

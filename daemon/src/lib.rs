@@ -208,6 +208,7 @@ pub async fn run(mut config: Config, reload: Option<Reload>) -> anyhow::Result<(
     // Only the front door saves sessions; otherwise the writer must not wait for this sender.
     drop(sessions_control);
     let clock = tokio::spawn(clock::watch_steps(shutdown.clone()));
+    health.set_ready();
     info!("edgehose ready");
     service::ready();
     // systemd arms the watchdog once start-up is complete (READY=1): the pings start now.

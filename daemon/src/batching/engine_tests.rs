@@ -287,6 +287,7 @@ fn start(fake: &Fake, delivered_id: i64, intent: Option<(i64, i64)>) -> Running 
     });
     fake.w().position = delivered_id;
     let health = Health::default();
+    health.set_ready();
     let engine = Engine::new(
         FakeDelivery(fake.clone()),
         FakeJournal(fake.clone()),
