@@ -888,6 +888,10 @@ def idle_devices(devices, seconds):
         gw.stop()
 
 
+class NoBudget(Exception):
+    """This machine gives no cgroup budget (not root, no cgroup controllers)."""
+
+
 class Budget:
     """A cgroup standing in for a small Pi: the daemon confined to one core (cpuset) at a CPU
     quota (CFS, 10 ms period so that the quota throttles in small slices, as a slower core
@@ -929,9 +933,9 @@ class Budget:
                     for k, v in settings:
                         write(f"{d}/{k}", v)
                     procs.append(f"{d}/cgroup.procs")
-        except OSError:
+        except OSError as e:
             self.remove()
-            raise
+            raise NoBudget(str(e)) from e
         # The daemon joins the cgroups before it starts (so do all its threads).
         self.wrap = ("sh", "-c", "for f in " + " ".join(procs)
                      + '; do echo $$ > "$f" || exit 1; done; exec "$@"', "sh")
@@ -1071,7 +1075,7 @@ def main_frugal(a):
                                     steps=(1_000, 2_000) if q else (2_500, 5_000, 10_000, 20_000,
                                                                     30_000, 40_000, 60_000))
             pi.append((best, tried))
-    except OSError as e:
+    except NoBudget as e:
         fig["pi_error"] = f"no cgroup budget here ({e})"
     if pi:
         fig["pi_rate"] = summary([b["rate"] if b else 0 for b, _ in pi])

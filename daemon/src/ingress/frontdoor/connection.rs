@@ -192,7 +192,7 @@ pub async fn serve<R, W>(
                 Some(&c.client_id),
                 Ack::none(),
             );
-            let _ = shared.ingest.send(env).await;
+            let _ = c.submit(env).await;
         }
     }
     let _ = wr.shutdown().await;
