@@ -13,6 +13,7 @@ pub mod limits;
 pub mod persist;
 pub mod pubsub;
 pub mod tls;
+pub mod wake;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -32,6 +33,7 @@ use crate::ingress::auth::Auth;
 use crate::message::Envelope;
 use crate::routing::Router;
 use crate::shutdown::Shutdown;
+use wake::Wake;
 
 /// What every connection shares.
 pub struct Shared {
@@ -53,11 +55,17 @@ pub struct Shared {
 }
 
 /// Live connections by client id. Registering an id that is live tells the older connection
-/// to close.
+/// to close; at shutdown every live connection is told to finish.
 #[derive(Default)]
 pub struct Sessions {
-    live: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    live: Mutex<Live>,
     next: AtomicU64,
+}
+
+#[derive(Default)]
+struct Live {
+    by_id: HashMap<String, (u64, Arc<Wake>)>,
+    shutting_down: bool,
 }
 
 impl Sessions {
@@ -65,24 +73,35 @@ impl Sessions {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn register(&self, client_id: &str) -> (u64, Arc<Notify>) {
+    /// Registers the connection woken by `wake` as `client_id`'s; returns its registration.
+    pub fn register(&self, client_id: &str, wake: &Arc<Wake>) -> u64 {
         let id = self.next_id();
-        let notify = Arc::new(Notify::new());
-        let old = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(client_id.to_string(), (id, Arc::clone(&notify)));
-        if let Some((_, older)) = old {
-            older.notify_one();
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.shutting_down {
+            wake.raise(wake::SHUTDOWN);
         }
-        (id, notify)
+        let old = live
+            .by_id
+            .insert(client_id.to_string(), (id, Arc::clone(wake)));
+        if let Some((_, older)) = old {
+            older.raise(wake::TAKEN_OVER);
+        }
+        id
     }
 
     pub fn unregister(&self, client_id: &str, id: u64) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if live.get(client_id).is_some_and(|(i, _)| *i == id) {
-            live.remove(client_id);
+        if live.by_id.get(client_id).is_some_and(|(i, _)| *i == id) {
+            live.by_id.remove(client_id);
+        }
+    }
+
+    /// Tells every live connection, and any registering from now on, to finish.
+    pub fn shut_down(&self) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.shutting_down = true;
+        for (_, wake) in live.by_id.values() {
+            wake.raise(wake::SHUTDOWN);
         }
     }
 }
@@ -251,12 +270,14 @@ impl FrontDoor {
 /// One TLS connection: the handshake (its state boxed, freed once done), then the device.
 async fn serve_tls<H: Send + 'static>(
     tls: Arc<tls::Tls>,
-    stream: tokio::net::TcpStream,
-    mut peer: connection::Peer,
-    shared: Arc<Shared>,
-    shutdown: Shutdown,
-    held: H,
+    start: Box<connection::Start<tokio::net::TcpStream, H>>,
 ) {
+    let connection::Start {
+        stream,
+        mut peer,
+        shared,
+        held,
+    } = *start;
     let addr = peer.addr;
     let deadline = peer.deadline;
     // No limit on handshakes in progress beyond the connection limits: one waiting for a
@@ -264,12 +285,44 @@ async fn serve_tls<H: Send + 'static>(
     // few silent clients stall everyone's handshake (measured: it did not lower the peak
     // memory of a 10,000-device storm either).
     let handshake = Box::pin(tls.accept(stream));
-    match tokio::time::timeout_at(deadline, handshake).await {
-        Ok(Ok((stream, cert))) => {
-            peer.certificate = cert.map(Box::new);
-            let (rd, wr) = tokio::io::split(stream);
-            connection::serve(rd, wr, peer, shared, shutdown).await;
-        }
+    let accepted = tokio::time::timeout_at(deadline, handshake).await;
+    // Taken apart in a function of its own: the handshake's result (the TLS stream, over a KiB)
+    // is not kept in the task beside the connection it was moved into.
+    let Some((stream, cert)) = handshake_done(accepted, addr) else {
+        drop(held);
+        return;
+    };
+    peer.certificate = cert.map(Box::new);
+    let start = Box::new(connection::Start {
+        stream,
+        peer,
+        shared,
+        held,
+    });
+    connection::serve(start).await;
+}
+
+type Handshake = Result<
+    Result<
+        (
+            tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            Option<crate::ingress::auth::PeerCertificate>,
+        ),
+        tls::HandshakeError,
+    >,
+    tokio::time::error::Elapsed,
+>;
+
+/// The handshake's stream and client certificate; a failure is counted and logged.
+fn handshake_done(
+    accepted: Handshake,
+    addr: Option<std::net::SocketAddr>,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Option<crate::ingress::auth::PeerCertificate>,
+)> {
+    match accepted {
+        Ok(Ok(done)) => Some(done),
         Ok(Err(e)) => {
             let reason = match &e {
                 tls::HandshakeError::Revoked { .. } => "revoked",
@@ -281,14 +334,15 @@ async fn serve_tls<H: Send + 'static>(
             if let Some(suppressed) = LOG.allow() {
                 warn!(peer = ?addr, error = %e, suppressed, "TLS connection refused");
             }
+            None
         }
         Err(_) => {
             metrics::counter!(crate::metrics::AUTH_REFUSED, "action" => "connect", "reason" => "tls_handshake_timeout")
                 .increment(1);
             debug!(peer = ?addr, "no TLS handshake within the connect timeout");
+            None
         }
     }
-    drop(held);
 }
 
 /// Accepts on one listener until shutdown; returns its connections, still running.
@@ -303,7 +357,10 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             a = listener.socket.accept() => a,
-            _ = shutdown.wait() => break,
+            _ = shutdown.wait() => {
+                shared.sessions.shut_down();
+                break;
+            }
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let (stream, addr) = match accepted {
@@ -331,7 +388,6 @@ async fn accept_loop(
             continue;
         };
         let shared = Arc::clone(&shared);
-        let shutdown = shutdown.clone();
         let _ = stream.set_nodelay(true);
         // The TLS handshake and CONNECT together within the connect timeout: a slow or silent
         // client cannot hold its slot longer than that.
@@ -341,23 +397,17 @@ async fn accept_loop(
             anonymous: listener.anonymous,
             deadline: tokio::time::Instant::now() + shared.connect_timeout,
         };
-        let held = (slot, permit);
+        let start = Box::new(connection::Start {
+            stream,
+            peer,
+            shared,
+            held: (slot, permit),
+        });
         // One task type per kind of listener, each no bigger than its own path needs (10,000
         // idle devices are 10,000 of them).
         match &listener.tls {
-            None => connections.spawn(async move {
-                let (rd, wr) = stream.into_split();
-                connection::serve(rd, wr, peer, shared, shutdown).await;
-                drop(held);
-            }),
-            Some(tls) => connections.spawn(serve_tls(
-                Arc::clone(tls),
-                stream,
-                peer,
-                shared,
-                shutdown,
-                held,
-            )),
+            None => connections.spawn(connection::serve(start)),
+            Some(tls) => connections.spawn(serve_tls(Arc::clone(tls), start)),
         };
     }
     drop(listener);
@@ -370,20 +420,29 @@ mod tests {
 
     #[test]
     fn the_newest_connection_of_a_client_id_wins() {
-        use std::future::Future;
         let s = Sessions::default();
-        let (a, a_notify) = s.register("dev");
-        let (b, _) = s.register("dev");
-        // The older one was told to close (a permit is stored for it).
-        let fut = a_notify.notified();
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        let mut fut = std::pin::pin!(fut);
-        assert!(fut.as_mut().poll(&mut cx).is_ready());
+        let (wa, wb) = (Arc::new(Wake::default()), Arc::new(Wake::default()));
+        let a = s.register("dev", &wa);
+        let b = s.register("dev", &wb);
+        // The older one was told to close, the newer one was not.
+        assert_eq!(wa.take(), wake::TAKEN_OVER);
+        assert_eq!(wb.take(), 0);
         // The older one leaving does not remove the newer one.
         s.unregister("dev", a);
-        assert!(s.live.lock().unwrap().contains_key("dev"));
+        assert!(s.live.lock().unwrap().by_id.contains_key("dev"));
         s.unregister("dev", b);
-        assert!(!s.live.lock().unwrap().contains_key("dev"));
+        assert!(!s.live.lock().unwrap().by_id.contains_key("dev"));
+    }
+
+    #[test]
+    fn shutdown_reaches_live_connections_and_late_ones() {
+        let s = Sessions::default();
+        let (wa, wb) = (Arc::new(Wake::default()), Arc::new(Wake::default()));
+        s.register("a", &wa);
+        s.shut_down();
+        assert_eq!(wa.take(), wake::SHUTDOWN);
+        // One that was still in its CONNECT exchange is told as it registers.
+        s.register("b", &wb);
+        assert_eq!(wb.take(), wake::SHUTDOWN);
     }
 }
