@@ -67,12 +67,15 @@ def free_port():
 
 
 def commit_overrides():
-    """Config lines for the BENCH_COMMIT_* overrides; none by default (the daemon's defaults)."""
+    """Config lines for the BENCH_COMMIT_* and BENCH_SYNCHRONOUS overrides; none by default
+    (the daemon's defaults)."""
     lines = []
     if "BENCH_COMMIT_INTERVAL" in os.environ:
         lines.append(f'commit_interval = "{os.environ["BENCH_COMMIT_INTERVAL"]}"')
     if "BENCH_COMMIT_LINGER" in os.environ:
         lines.append(f'commit_linger_records = {int(os.environ["BENCH_COMMIT_LINGER"])}')
+    if "BENCH_SYNCHRONOUS" in os.environ:
+        lines.append(f'synchronous = "{os.environ["BENCH_SYNCHRONOUS"]}"')
     return "\n".join(lines)
 
 

@@ -188,20 +188,11 @@ pub async fn serve<S: Device, H>(start: Box<Start<S, H>>) {
         will,
         session,
         opened,
-    }) = Box::pin(open(
-        &mut io,
-        &mut inbuf,
-        &mut outbuf,
-        peer,
-        &shared,
-    ))
-    .await
+    }) = Box::pin(open(&mut io, &mut inbuf, &mut outbuf, peer, &shared)).await
     else {
         return;
     };
-    let end = c
-        .run(&mut io, &mut inbuf, &mut outbuf, keep_alive)
-        .await;
+    let end = c.run(&mut io, &mut inbuf, &mut outbuf, keep_alive).await;
     if let End::Abnormal(why) = end {
         debug!(client_id = ?c.client_id, why, "connection ended");
         if let Some(w) = will.filter(|w| c.may_publish(&w.topic, w.retain)) {
@@ -246,8 +237,7 @@ async fn open<S: Device>(
     outbuf: &mut BytesMut,
     peer: Peer,
     shared: &Arc<Shared>,
-) -> Option<Opening>
-{
+) -> Option<Opening> {
     let Peer {
         addr: peer,
         certificate,

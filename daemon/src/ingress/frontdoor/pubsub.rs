@@ -348,9 +348,10 @@ impl PubSub {
             if persistent {
                 inner.dirty.insert(Arc::clone(&id));
             }
-            inner
-                .sessions
-                .insert(id, Box::new(Session::new(generation, persistent, Arc::clone(wake))));
+            inner.sessions.insert(
+                id,
+                Box::new(Session::new(generation, persistent, Arc::clone(wake))),
+            );
             if replaced.is_some_and(|s| s.offline_since.is_some()) {
                 inner.offline -= 1;
             }
