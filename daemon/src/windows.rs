@@ -36,8 +36,9 @@ use crate::rules::window::{Acc, InputRow};
 use crate::rules::{Applied, Rule};
 use crate::shutdown::Shutdown;
 
-/// Rows read from the buffer at a time.
-const READ_CHUNK: usize = 20_000;
+/// Rows read from the buffer at a time (a few blocks' worth: the rows of a chunk are held
+/// together, one allocation each for payload and partition key).
+const READ_CHUNK: usize = 4_096;
 
 pub struct WindowStage {
     pub state: WindowState,
@@ -54,19 +55,21 @@ pub struct WindowStage {
     pub shutdown: Shutdown,
 }
 
-/// One group of an open window.
+/// One group of an open window: held for every device in every open window (10,000 devices
+/// keep two windows open around each minute's end), so each part is allocated to its size.
 struct Group {
     /// The group's key values (its `GROUP BY` expressions).
-    keys: Vec<Value<'static>>,
-    accs: Vec<Acc>,
+    keys: Box<[Value<'static>]>,
+    accs: Box<[Acc]>,
     /// The partition key of the group's first row (its rows share the rule's key template).
-    partition_key: String,
+    partition_key: Box<str>,
 }
 
 struct Window {
-    groups: HashMap<Vec<u8>, Group>,
-    /// First-seen order of the groups, so that a window's rows come out in a stable order.
-    order: Vec<Vec<u8>>,
+    /// Each group's index in `groups`, by its key's JSON.
+    index: HashMap<Box<[u8]>, usize>,
+    /// In first-seen order, so that a window's rows come out in a stable order.
+    groups: Vec<Group>,
     /// The smallest input row id in the window: the position cannot pass it before emission.
     min_id: i64,
     /// When its first row was read, by the monotonic clock: the window has surely ended by
@@ -193,22 +196,25 @@ impl WindowStage {
                     };
                     let window = open.entry(start).or_insert_with(|| Window {
                         min_id: row.id,
-                        groups: HashMap::new(),
-                        order: Vec::new(),
+                        index: HashMap::new(),
+                        groups: Vec::new(),
                         opened: tokio::time::Instant::now(),
                     });
                     window.min_id = window.min_id.min(row.id);
-                    let group = match window.groups.get_mut(&key) {
-                        Some(g) => g,
+                    let i = match window.index.get(key.as_slice()) {
+                        Some(&i) => i,
                         None => {
-                            window.order.push(key.clone());
-                            window.groups.entry(key).or_insert(Group {
+                            let i = window.groups.len();
+                            window.index.insert(key.into_boxed_slice(), i);
+                            window.groups.push(Group {
                                 keys: keys.into_iter().map(Value::into_owned).collect(),
-                                accs: w.accumulators(),
-                                partition_key: row.partition_key,
-                            })
+                                accs: w.accumulators().into_boxed_slice(),
+                                partition_key: row.partition_key.into_boxed_str(),
+                            });
+                            i
                         }
                     };
+                    let group = &mut window.groups[i];
                     for (acc, arg) in group.accs.iter_mut().zip(&args) {
                         acc.add(arg);
                     }
@@ -237,8 +243,7 @@ impl WindowStage {
                 let mut records = Vec::new();
                 for start in &closable {
                     let window = &open[start];
-                    for key in &window.order {
-                        let group = &window.groups[key];
+                    for group in &window.groups {
                         let dropped = *start < incomplete_before;
                         if dropped {
                             incomplete.increment(1);
@@ -247,7 +252,7 @@ impl WindowStage {
                             Applied::Selected(Some(payload)) => records.push(NewRecord {
                                 stream: state.stream,
                                 arrival_ms: start + len,
-                                partition_key: group.partition_key.clone(),
+                                partition_key: group.partition_key.to_string(),
                                 payload: payload.into(),
                             }),
                             Applied::Selected(None) | Applied::Dropped => {}
