@@ -223,6 +223,37 @@ def sim(port, devices, messages, rate=0.0, qos=1, extra=(), pin=()):
     return json.loads(out.stdout)
 
 
+def mosquitto_steady_cpu(rate, seconds, devices=100):
+    """mosquitto's CPU per million QoS 1 messages under a steady load with no subscriber (its
+    PUBACK from memory, nothing stored): what a lean C broker pays per message at that rate,
+    the kernel's share (a read and a write per message) included."""
+    port = free_port()
+    scratch = tempfile.mkdtemp(prefix="mosquitto-steady-")
+    conf = os.path.join(scratch, "mosquitto.conf")
+    with open(conf, "w") as f:
+        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                "max_queued_messages 0\nmax_inflight_messages 0\n"
+                "persistence false\nlog_dest none\n"
+                + ("user root\n" if os.geteuid() == 0 else ""))
+    mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    broker = subprocess.Popen([mosq, "-c", conf], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        cpu0 = proc_cpu_s(broker.pid)
+        s = sim(port, devices, max(1, int(rate / devices * seconds)), rate=rate / devices)
+        return (proc_cpu_s(broker.pid) - cpu0) / s["published"] * 1e6
+    finally:
+        broker.kill()
+        broker.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def relay_run(kind, total, qos, devices, per, info=None):
     """A baseline relay run: (delivered msg/s, devices' publish msg/s, received). With `info`
     (a dict), the mosquitto subscriber's CPU share over the run goes in info["sub_cpu_share"]."""
@@ -336,8 +367,17 @@ def edgehose_ingest(total, qos, devices, per, pki=None, streams=None, info=None)
         gw.stop()
 
 
+def cpu_jiffies():
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
 def steady(rate, seconds, devices=100, interval="1s", spread=None):
-    """A steady load: PUBACK latencies, RSS samples, CPU and bytes written."""
+    """A steady load: PUBACK latencies, RSS samples, CPU and bytes written, and how busy the
+    whole machine was (daemon and simulator together)."""
     gw = Edgehose(interval=interval)
     samples = []
     stop = threading.Event()
@@ -349,10 +389,12 @@ def steady(rate, seconds, devices=100, interval="1s", spread=None):
     t = threading.Thread(target=sample, daemon=True)
     try:
         cpu0, w0 = proc_cpu_s(gw.pid), proc_written(gw.pid)
+        busy0, total0 = cpu_jiffies()
         t.start()
         extra = () if spread is None else ("--spread", str(spread))
         s = sim(gw.mqtt, devices, max(1, int(rate / devices * seconds)), rate=rate / devices,
                 extra=extra)
+        busy1, total1 = cpu_jiffies()
         gw.wait_metric("edgehose_records_committed_total", s["published"], timeout=60)
         stop.set()
         cpu = proc_cpu_s(gw.pid) - cpu0
@@ -365,6 +407,7 @@ def steady(rate, seconds, devices=100, interval="1s", spread=None):
             "hwm_kib": hwm, "rss_samples_kib": samples,
             "cpu_s_per_million": cpu / s["published"] * 1e6,
             "written_per_payload_byte": written / (s["published"] * 200.0),
+            "machine_busy": (busy1 - busy0) / max(total1 - total0, 1),
         }
     finally:
         stop.set()
@@ -1055,10 +1098,13 @@ def main_frugal(a):
     fig["half_rate"] = summary([x["rate"] for x in lat])
     for k in ("p50", "p99", "max"):
         fig[f"half_{k}"] = summary([x[k] for x in lat])
-    log(f"half load: {fig['half_p99']} p99")
+    fig["half_busy"] = summary([x["machine_busy"] * 100 for x in lat])
+    log(f"half load: {fig['half_p99']} p99, machine {fig['half_busy']} % busy")
     c10 = [steady(2000 if q else 10_000, 5 if q else 30) for _ in range(runs)]
     fig["cpu_10k"] = summary([x["cpu_s_per_million"] for x in c10])
     fig["p99_10k"] = summary([x["p99"] for x in c10])
+    fig["cpu_10k_mosquitto"] = summary(
+        [mosquitto_steady_cpu(2000 if q else 10_000, 5 if q else 30) for _ in range(runs)])
     c1 = [steady(200 if q else 1_000, 5 if q else 30, devices=200 if q else 1_000, spread=1)
           for _ in range(runs)]
     fig["cpu_1k"] = summary([x["cpu_s_per_million"] for x in c1])
@@ -1108,8 +1154,12 @@ def main_frugal(a):
          fmt(fig["half_p50"], " ms", 1), ""),
         ("  p99", fmt(fig["half_p99"], " ms", 1), "<= 10 ms"),
         ("  max", fmt(fig["half_max"], " ms", 1), "<= 50 ms"),
+        ("  the machine's CPU busy meanwhile (daemon and simulator)",
+         fmt(fig["half_busy"], " %"), ""),
         ("CPU per million at 10,000 msg/s (100 devices)", fmt(fig["cpu_10k"], " s", 1), "<= 6 s"),
         ("  PUBACK p99 there", fmt(fig["p99_10k"], " ms", 1), ""),
+        ("  mosquitto, same load, no subscriber (PUBACK from memory)",
+         fmt(fig["cpu_10k_mosquitto"], " s", 1), "a baseline"),
         ("CPU per million at 1,000 msg/s (1,000 devices)", fmt(fig["cpu_1k"], " s", 1),
          "within 2x of 10,000 msg/s"),
         (f"{idle_n:,} idle devices: RSS", fmt(fig["idle_rss"], " MiB", 1), "<= 40 MiB"),
