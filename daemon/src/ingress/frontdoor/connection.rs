@@ -963,3 +963,41 @@ impl Connection {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    #[tokio::test]
+    async fn a_device_waiting_to_send_holds_no_read_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut device = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut io, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::with_capacity(MIN_READ);
+        let mut size = MIN_READ;
+        // tokio counts a new socket as readable until a read finds nothing (as the CONNECT
+        // exchange's reads do before this loop's first wait).
+        assert_eq!(
+            io.try_read(&mut [0u8; 8]).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock
+        );
+        {
+            // Nothing sent: the read waits, and holds no buffer while it does.
+            let read = std::pin::pin!(read_some(&mut io, &mut buf, &mut size));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(read.poll(&mut cx).is_pending());
+        }
+        assert_eq!(buf.capacity(), 0);
+        // Bytes arrive: a buffer is taken for them.
+        device.write_all(b"\x30\x03\x00\x01t").await.unwrap();
+        let n = read_some(&mut io, &mut buf, &mut size).await.unwrap();
+        assert_eq!(&buf[..n], b"\x30\x03\x00\x01t");
+        // Bytes not parsed yet are kept: the next read appends to them.
+        device.write_all(b"x").await.unwrap();
+        read_some(&mut io, &mut buf, &mut size).await.unwrap();
+        assert_eq!(&buf[..], b"\x30\x03\x00\x01tx");
+    }
+}
