@@ -1127,6 +1127,7 @@ def main_frugal(a):
     except NoBudget as e:
         fig["pi_error"] = f"no cgroup budget here ({e})"
     if pi:
+        fig["pi_step"] = summary([b["target"] if b else 0 for b, _ in pi])
         fig["pi_rate"] = summary([b["rate"] if b else 0 for b, _ in pi])
         fig["pi_p99"] = summary([b["p99"] if b else 0 for b, _ in pi])
         fig["pi_rss"] = summary([b["hwm_kib"] / 1024 if b else 0 for b, _ in pi])
@@ -1169,8 +1170,9 @@ def main_frugal(a):
     ]
     if pi:
         rows += [
-            ("Pi budget (1 core at 30%, 256 MiB; a stand-in): sustained QoS 1",
-             fmt(fig["pi_rate"], " msg/s"), ">= 20,000 with p99 <= 50 ms"),
+            ("Pi budget (1 core at 30%, 256 MiB; a stand-in): highest QoS 1 step held",
+             fmt(fig["pi_step"], " msg/s"), ">= 20,000 with p99 <= 50 ms"),
+            ("  the rate the simulator achieved at that step", fmt(fig["pi_rate"], " msg/s"), ""),
             ("  its PUBACK p99", fmt(fig["pi_p99"], " ms", 1), ""),
             ("  its peak RSS", fmt(fig["pi_rss"], " MiB", 1), ""),
         ]
