@@ -231,7 +231,8 @@ fn project<'a>(
             v => v,
         },
         Projection::Items(items) => {
-            let mut fields: Vec<(Cow<str>, Value)> = Vec::new();
+            // One allocation for the usual case (an item a field); a payload's `*` reserves more.
+            let mut fields: Vec<(Cow<str>, Value)> = Vec::with_capacity(items.len());
             for item in items {
                 match item {
                     Item::Star => match doc {
@@ -265,9 +266,7 @@ fn project<'a>(
                     },
                     Item::Expr { expr, name } => {
                         let v = eval::eval(expr, doc, ctx);
-                        let path: Vec<Cow<str>> =
-                            name.iter().map(|n| Cow::Borrowed(n.as_str())).collect();
-                        insert(&mut fields, &path, v);
+                        insert(&mut fields, name, v);
                     }
                 }
             }
@@ -285,13 +284,13 @@ fn project<'a>(
 
 /// Puts `v` under `path` in an object's fields, making the objects on the way (`AS a.b`); a
 /// key already there is replaced, as a later item overrides `*`.
-fn insert<'a>(fields: &mut Vec<(Cow<'a, str>, Value<'a>)>, path: &[Cow<'a, str>], v: Value<'a>) {
+fn insert<'a>(fields: &mut Vec<(Cow<'a, str>, Value<'a>)>, path: &'a [String], v: Value<'a>) {
     let (first, rest) = path.split_first().expect("a name has at least one part");
     // The last occurrence: a payload's repeated key counts once, its last value (as lookups).
     let slot = match fields.iter().rposition(|(k, _)| k == first) {
         Some(i) => i,
         None => {
-            fields.push((first.clone(), Value::Undefined));
+            fields.push((Cow::Borrowed(first.as_str()), Value::Undefined));
             fields.len() - 1
         }
     };
