@@ -42,11 +42,11 @@ pub fn rules(data: &[u8]) {
             let input = w.parse_row(&out).expect("an input row reads back");
             let mut accs = w.accumulators();
             for _ in 0..2 {
-                for (acc, arg) in accs.iter_mut().zip(&input.args) {
+                for (acc, arg) in accs.iter_mut().zip(input.args()) {
                     acc.add(arg);
                 }
             }
-            if let Applied::Selected(Some(row)) = rule.close(&input.keys, &accs, 60_000, true) {
+            if let Applied::Selected(Some(row)) = rule.close(input.keys(), &accs, 60_000, true) {
                 serde_json::from_slice::<serde::de::IgnoredAny>(&row)
                     .expect("a window writes JSON");
             }

@@ -32,7 +32,7 @@ use crate::clock::now_ms;
 use crate::message::{Ack, Envelope, NewRecord, Outcome, WindowCommit};
 use crate::metrics as m;
 use crate::rules::value::Value;
-use crate::rules::window::{Acc, InputRow};
+use crate::rules::window::Acc;
 use crate::rules::{Applied, Rule};
 use crate::shutdown::Shutdown;
 
@@ -190,7 +190,7 @@ impl WindowStage {
                         late.increment(1);
                         continue;
                     }
-                    let Some(InputRow { key, keys, args }) = w.parse_row(&row.payload) else {
+                    let Some(input) = w.parse_row(&row.payload) else {
                         skipped.increment(1);
                         continue;
                     };
@@ -201,13 +201,15 @@ impl WindowStage {
                         opened: tokio::time::Instant::now(),
                     });
                     window.min_id = window.min_id.min(row.id);
-                    let i = match window.index.get(key.as_slice()) {
+                    let i = match window.index.get(input.key.as_slice()) {
                         Some(&i) => i,
                         None => {
                             let i = window.groups.len();
-                            window.index.insert(key.into_boxed_slice(), i);
+                            let keys = input.keys().iter().cloned().map(Value::into_owned);
+                            let keys = keys.collect();
+                            window.index.insert(input.key.clone().into_boxed_slice(), i);
                             window.groups.push(Group {
-                                keys: keys.into_iter().map(Value::into_owned).collect(),
+                                keys,
                                 accs: w.accumulators().into_boxed_slice(),
                                 partition_key: row.partition_key.into_boxed_str(),
                             });
@@ -215,7 +217,7 @@ impl WindowStage {
                         }
                     };
                     let group = &mut window.groups[i];
-                    for (acc, arg) in group.accs.iter_mut().zip(&args) {
+                    for (acc, arg) in group.accs.iter_mut().zip(input.args()) {
                         acc.add(arg);
                     }
                 }

@@ -345,12 +345,12 @@ fn window(sql: &str, payloads: &[&str]) -> Vec<Json> {
         let slot = match groups.iter().position(|(k, _, _)| *k == r.key) {
             Some(i) => i,
             None => {
-                let keys = r.keys.into_iter().map(Value::into_owned).collect();
-                groups.push((r.key, keys, w.accumulators()));
+                let keys = r.keys().iter().cloned().map(Value::into_owned).collect();
+                groups.push((r.key.clone(), keys, w.accumulators()));
                 groups.len() - 1
             }
         };
-        for (acc, arg) in groups[slot].2.iter_mut().zip(&r.args) {
+        for (acc, arg) in groups[slot].2.iter_mut().zip(r.args()) {
             acc.add(arg);
         }
     }

@@ -20,11 +20,24 @@ use super::value::Value;
 use super::SqlError;
 
 /// One input row read back: its group's key as JSON (which identifies the group) and as
-/// values, and the aggregates' arguments.
+/// values, and the aggregates' arguments (one vector of values, split: the window stage reads
+/// every row back, and most rows only add to a group that exists).
 pub struct InputRow<'a> {
     pub key: Vec<u8>,
-    pub keys: Vec<Value<'a>>,
-    pub args: Vec<Value<'a>>,
+    values: Vec<Value<'a>>,
+    split: usize,
+}
+
+impl<'a> InputRow<'a> {
+    /// The group's key values (its `GROUP BY` expressions).
+    pub fn keys(&self) -> &[Value<'a>] {
+        &self.values[..self.split]
+    }
+
+    /// The aggregates' arguments.
+    pub fn args(&self) -> &[Value<'a>] {
+        &self.values[self.split..]
+    }
 }
 
 /// A windowed rule's parts.
@@ -206,19 +219,15 @@ impl Windowed {
     /// their JSON, which identifies the group) and the aggregates' arguments; None if it is not
     /// one of this rule's rows (the rule changed since it was stored).
     pub fn parse_row<'a>(&self, row: &'a [u8]) -> Option<InputRow<'a>> {
-        let Value::Array(mut values) = Value::parse(row).ok()? else {
+        let Value::Array(values) = Value::parse(row).ok()? else {
             return None;
         };
         if values.len() != self.keys.len() + self.aggregates.len() {
             return None;
         }
-        let args = values.split_off(self.keys.len());
-        let key = serde_json::to_vec(&Value::Array(values.clone())).ok()?;
-        Some(InputRow {
-            key,
-            keys: values,
-            args,
-        })
+        let split = self.keys.len();
+        let key = serde_json::to_vec(&values[..split]).ok()?;
+        Some(InputRow { key, values, split })
     }
 
     /// Fresh accumulators for a new group.
