@@ -223,12 +223,9 @@ def sim(port, devices, messages, rate=0.0, qos=1, extra=(), pin=()):
     return json.loads(out.stdout)
 
 
-def mosquitto_steady_cpu(rate, seconds, devices=100):
-    """mosquitto's CPU per million QoS 1 messages under a steady load with no subscriber (its
-    PUBACK from memory, nothing stored): what a lean C broker pays per message at that rate,
-    the kernel's share (a read and a write per message) included."""
-    port = free_port()
-    scratch = tempfile.mkdtemp(prefix="mosquitto-steady-")
+def start_mosquitto(port, scratch):
+    """Debian's mosquitto on 127.0.0.1:`port` in its best configuration for a relay (unlimited
+    inflight and queue, no persistence, no log), once it accepts connections."""
     conf = os.path.join(scratch, "mosquitto.conf")
     with open(conf, "w") as f:
         f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
@@ -238,13 +235,23 @@ def mosquitto_steady_cpu(rate, seconds, devices=100):
     mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     broker = subprocess.Popen([mosq, "-c", conf], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    return broker
+
+
+def mosquitto_steady_cpu(rate, seconds, devices=100):
+    """mosquitto's CPU per million QoS 1 messages under a steady load with no subscriber (its
+    PUBACK from memory, nothing stored): what a lean C broker pays per message at that rate,
+    the kernel's share (a read and a write per message) included."""
+    port = free_port()
+    scratch = tempfile.mkdtemp(prefix="mosquitto-steady-")
+    broker = start_mosquitto(port, scratch)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.02)
         cpu0 = proc_cpu_s(broker.pid)
         s = sim(port, devices, max(1, int(rate / devices * seconds)), rate=rate / devices)
         return (proc_cpu_s(broker.pid) - cpu0) / s["published"] * 1e6
@@ -268,22 +275,7 @@ def relay_run(kind, total, qos, devices, per, info=None):
             relay.stderr.readline()  # "ready"
             time.sleep(0.2)
         else:
-            conf = os.path.join(scratch, "mosquitto.conf")
-            with open(conf, "w") as f:
-                f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                        "max_queued_messages 0\nmax_inflight_messages 0\n"
-                        "persistence false\nlog_dest none\n"
-                        + ("user root\n" if os.geteuid() == 0 else ""))
-            mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-            broker = subprocess.Popen([mosq, "-c", conf], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
-            procs.append(broker)
-            for _ in range(200):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                    break
-                except OSError:
-                    time.sleep(0.02)
+            procs.append(start_mosquitto(port, scratch))
             relay = subprocess.Popen([os.path.join(BIN, "null-sub"), str(port), str(total)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(relay)
