@@ -7,6 +7,7 @@
 //! (not JSON, field missing, more than [`MAX_ACTIVE_PARTITIONS`]) in Firehose's error-record
 //! shape (AWS-SEMANTICS 5, 8).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -14,11 +15,13 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use bytes::Bytes;
 use flate2::write::GzEncoder;
 use rusqlite::Connection;
 
 use crate::buffer::store;
 use crate::config::{BatchingConfig, Compression};
+use crate::sinks::Staging;
 use crate::templates::json_field::{self, Field};
 use crate::templates::keys::PrefixTemplate;
 
@@ -34,7 +37,7 @@ pub const PARTITION_LIMIT: &str = "DynamicPartitioning.ActivePartitionsLimitExce
 /// One object of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
-    pub path: PathBuf,
+    pub staging: Staging,
     /// One value per partition name; empty without dynamic partitioning.
     pub partition: Vec<String>,
     /// Error records (Firehose's error shape), rather than records.
@@ -81,24 +84,121 @@ pub struct Selection<'a> {
     pub max_bytes: Option<u64>,
 }
 
-enum Body {
-    Plain(BufWriter<File>),
-    // Boxed: both encoders carry their state inline.
-    Gzip(Box<GzEncoder<BufWriter<File>>>),
-    Snappy(Box<snap::write::FrameEncoder<BufWriter<File>>>),
+/// How a batch is staged.
+#[derive(Debug, Clone, Copy)]
+pub struct Stage {
+    /// Bytes of the batch's (compressed) objects that may be held in memory; an object
+    /// that would pass it goes to its file, and so does everything after the allowance is
+    /// spent. 0: files only.
+    pub memory: usize,
+    /// Files are fsynced (the `file` sink renames them into place); otherwise they are only a
+    /// staging copy of what the buffer holds (a crash rebuilds them).
+    pub sync: bool,
 }
 
-impl Body {
-    fn new(path: &Path, compression: Compression, buffer: usize) -> io::Result<Self> {
-        let file = BufWriter::with_capacity(buffer, File::create(path)?);
-        Ok(match compression {
-            Compression::None => Body::Plain(file),
+/// An object's bytes on their way to memory or, past the allowance, to its file.
+struct Spill<'a> {
+    out: Out,
+    /// None: memory only (compressing a part already in memory).
+    path: Option<PathBuf>,
+    buffer: usize,
+    allowance: &'a Cell<usize>,
+}
+
+enum Out {
+    Memory(Vec<u8>),
+    File(BufWriter<File>),
+}
+
+impl<'a> Spill<'a> {
+    fn new(path: Option<PathBuf>, buffer: usize, allowance: &'a Cell<usize>) -> io::Result<Self> {
+        let out = match &path {
+            // Nothing may stay in memory: open the file now, so that its errors come first.
+            Some(p) if allowance.get() == 0 => {
+                Out::File(BufWriter::with_capacity(buffer, File::create(p)?))
+            }
+            _ => Out::Memory(Vec::new()),
+        };
+        Ok(Self {
+            out,
+            path,
+            buffer,
+            allowance,
+        })
+    }
+
+    /// Flushes the object; a file with `sync` to the disk too.
+    fn finish(self, sync: bool) -> io::Result<Staging> {
+        match (self.out, self.path) {
+            (Out::Memory(v), _) => Ok(Staging::Memory(Bytes::from(v))),
+            (Out::File(w), Some(path)) => {
+                let file = w.into_inner().map_err(|e| e.into_error())?;
+                if sync {
+                    file.sync_all()?;
+                }
+                Ok(Staging::File(path))
+            }
+            (Out::File(_), None) => Err(io::Error::other("a memory-only object has a file")),
+        }
+    }
+}
+
+impl Write for Spill<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        let held = match &mut self.out {
+            Out::File(w) => return w.write_all(data),
+            Out::Memory(v) => {
+                let left = self.allowance.get();
+                match &self.path {
+                    Some(_) if data.len() > left => std::mem::take(v),
+                    _ => {
+                        self.allowance.set(left.saturating_sub(data.len()));
+                        v.extend_from_slice(data);
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        // Past the allowance: this object goes to its file, and what it held is free again.
+        let path = self.path.as_ref().expect("checked above");
+        let mut w = BufWriter::with_capacity(self.buffer, File::create(path)?);
+        w.write_all(&held)?;
+        w.write_all(data)?;
+        self.allowance.set(self.allowance.get() + held.len());
+        self.out = Out::File(w);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            Out::File(w) => w.flush(),
+            Out::Memory(_) => Ok(()),
+        }
+    }
+}
+
+enum Body<'a> {
+    Plain(Spill<'a>),
+    // Boxed: both encoders carry their state inline.
+    Gzip(Box<GzEncoder<Spill<'a>>>),
+    Snappy(Box<snap::write::FrameEncoder<Spill<'a>>>),
+}
+
+impl<'a> Body<'a> {
+    fn new(out: Spill<'a>, compression: Compression) -> Self {
+        match compression {
+            Compression::None => Body::Plain(out),
             Compression::Gzip => Body::Gzip(Box::new(GzEncoder::new(
-                file,
+                out,
                 flate2::Compression::default(),
             ))),
-            Compression::Snappy => Body::Snappy(Box::new(snap::write::FrameEncoder::new(file))),
-        })
+            Compression::Snappy => Body::Snappy(Box::new(snap::write::FrameEncoder::new(out))),
+        }
     }
 
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
@@ -109,28 +209,26 @@ impl Body {
         }
     }
 
-    /// Flushes the body; with `sync`, to the disk too.
-    fn finish(self, sync: bool) -> io::Result<()> {
-        let file = match self {
-            Body::Plain(w) => w.into_inner().map_err(|e| e.into_error())?,
-            Body::Gzip(w) => w.finish()?.into_inner().map_err(|e| e.into_error())?,
+    /// Flushes the body; a file with `sync` to the disk too.
+    fn finish(self, sync: bool) -> io::Result<Staging> {
+        let out = match self {
+            Body::Plain(w) => w,
+            Body::Gzip(w) => w.finish()?,
             Body::Snappy(w) => w
                 .into_inner()
-                .map_err(|e| io::Error::other(e.to_string()))?
-                .into_inner()
-                .map_err(|e| e.into_error())?,
+                .map_err(|e| io::Error::other(e.to_string()))?,
         };
-        if sync {
-            file.sync_all()?;
-        }
-        Ok(())
+        out.finish(sync)
     }
 }
 
 /// A part being written.
-struct Open {
-    part: Part,
-    body: Body,
+struct Open<'a> {
+    body: Body<'a>,
+    partition: Vec<String>,
+    error: bool,
+    records: u64,
+    oldest_arrival_ms: i64,
 }
 
 /// Where a record goes: a partition, or the error object with a code and message.
@@ -191,19 +289,19 @@ pub fn error_record(arrival_ms: i64, code: &str, message: &str, payload: &[u8]) 
     line
 }
 
-/// Writes the selected records to files named after `base` (`base` itself without dynamic
-/// partitioning). Returns None (and leaves no file) when there are none. With `sync` the files
-/// are fsynced (the `file` sink renames them into place); without, they are only a staging
-/// copy of what the buffer holds (the `s3` sink uploads them; a crash rebuilds them).
+/// Writes the selected records to objects in memory, while `stage.memory` lasts, or to files
+/// named after `base` (`base` itself without dynamic partitioning). Returns None (and leaves
+/// no file) when there are none.
 pub fn assemble(
     conn: &Connection,
     selection: Selection<'_>,
     batching: &BatchingConfig,
     prefix: &PrefixTemplate,
     base: &Path,
-    sync: bool,
+    stage: Stage,
 ) -> Result<Option<Staged>, AssembleError> {
     let partition_names = prefix.partition_names();
+    let allowance = Cell::new(stage.memory);
     if let Some(dir) = base.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -236,7 +334,7 @@ pub fn assemble(
     let mut error_part: Option<usize> = None;
     let mut io_error = None;
     // Opens the next part file: `base` itself for a batch of one object.
-    let open_part = |open: &mut Vec<Open>,
+    let open_part = |open: &mut Vec<_>,
                      partition: Vec<String>,
                      error: bool,
                      arrival_ms: i64|
@@ -248,14 +346,14 @@ pub fn assemble(
             base.with_extension(format!("{n}.part"))
         };
         open.push(Open {
-            body: Body::new(&path, stream_compression, buffer)?,
-            part: Part {
-                path,
-                partition,
-                error,
-                records: 0,
-                oldest_arrival_ms: arrival_ms,
-            },
+            body: Body::new(
+                Spill::new(Some(path), buffer, &allowance)?,
+                stream_compression,
+            ),
+            partition,
+            error,
+            records: 0,
+            oldest_arrival_ms: arrival_ms,
         });
         Ok(n)
     };
@@ -330,7 +428,7 @@ pub fn assemble(
                         o.body.write_all(delimiter)?;
                     }
                 }
-                o.part.records += 1;
+                o.records += 1;
                 Ok(())
             })();
             if let Err(e) = result {
@@ -352,8 +450,13 @@ pub fn assemble(
     }
     let compress_later = staged.compress_parts != Compression::None;
     for o in open {
-        o.body.finish(sync && !compress_later)?;
-        staged.parts.push(o.part);
+        staged.parts.push(Part {
+            staging: o.body.finish(stage.sync && !compress_later)?,
+            partition: o.partition,
+            error: o.error,
+            records: o.records,
+            oldest_arrival_ms: o.oldest_arrival_ms,
+        });
     }
     if staged.records == 0 {
         if !partitioned {
@@ -364,23 +467,35 @@ pub fn assemble(
     Ok(Some(staged))
 }
 
-/// Compresses a finished plain file in place (through a sibling file and a rename); with
-/// `sync`, fsyncs the result.
-pub fn compress(path: &Path, compression: Compression, sync: bool) -> io::Result<()> {
-    let tmp = path.with_extension("z");
-    {
-        let mut input = io::BufReader::new(File::open(path)?);
-        let mut body = Body::new(&tmp, compression, 64 * 1024)?;
-        let mut w = BodyWriter(&mut body);
-        io::copy(&mut input, &mut w)?;
-        body.finish(sync)?;
+/// Compresses a finished plain object: a file in place (through a sibling file and a rename;
+/// with `sync`, fsynced), or in memory.
+pub fn compress(staging: Staging, compression: Compression, sync: bool) -> io::Result<Staging> {
+    let nothing = Cell::new(0);
+    let unlimited = Cell::new(usize::MAX);
+    match staging {
+        Staging::File(path) => {
+            let tmp = path.with_extension("z");
+            {
+                let mut input = io::BufReader::new(File::open(&path)?);
+                let out = Spill::new(Some(tmp.clone()), 64 * 1024, &nothing)?;
+                let mut body = Body::new(out, compression);
+                io::copy(&mut input, &mut BodyWriter(&mut body))?;
+                body.finish(sync)?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            Ok(Staging::File(path))
+        }
+        Staging::Memory(data) => {
+            let mut body = Body::new(Spill::new(None, 0, &unlimited)?, compression);
+            body.write_all(&data)?;
+            body.finish(false)
+        }
     }
-    std::fs::rename(&tmp, path)
 }
 
-struct BodyWriter<'a>(&'a mut Body);
+struct BodyWriter<'a, 'b>(&'a mut Body<'b>);
 
-impl Write for BodyWriter<'_> {
+impl Write for BodyWriter<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.write_all(buf)?;
         Ok(buf.len())
@@ -414,11 +529,116 @@ mod tests {
         }
     }
 
+    /// A buffer of `n` JSON records from three devices, in blocks of 10.
+    fn buffer(n: i64) -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn =
+            store::open_writer(&dir.path().join("b.db"), crate::config::Synchronous::Full).unwrap();
+        let mut seg = store::create_segment(&conn, 1, 1).unwrap();
+        let mut w = crate::buffer::block::BlockWriter::new().unwrap();
+        for id in 1..=n {
+            let payload = format!(
+                r#"{{"device":"d{}","n":{id},"pad":"{}"}}"#,
+                id % 3,
+                "x".repeat(40)
+            );
+            w.push(id, 0, id * 10, "", payload.as_bytes());
+            seg.last_id = id;
+            seg.records += 1;
+            if id % 10 == 0 || id == n {
+                let block = w.finish().unwrap().unwrap();
+                store::insert_block(&conn, &store::insert_block_sql(1), &block).unwrap();
+            }
+        }
+        store::update_segment(&conn, &seg).unwrap();
+        (dir, conn)
+    }
+
+    fn bytes_of(s: &Staging) -> Vec<u8> {
+        match s {
+            Staging::File(p) => std::fs::read(p).unwrap(),
+            Staging::Memory(b) => b.to_vec(),
+        }
+    }
+
+    #[test]
+    fn objects_stay_in_memory_while_the_allowance_lasts_then_spill_whole() {
+        let (dir, conn) = buffer(300);
+        let batching = BatchingConfig {
+            size: 1 << 20,
+            interval: std::time::Duration::from_secs(60),
+            compression: Compression::Gzip,
+            newline: true,
+        };
+        let prefix = PrefixTemplate::parse("d=!{partitionKeyFromQuery:device}/").unwrap();
+        let all = Selection {
+            streams: &[0],
+            after: 0,
+            until: None,
+            max_bytes: None,
+        };
+        let run = |name: &str, memory: usize| {
+            let base = dir.path().join(name).join("o.part");
+            let stage = Stage {
+                memory,
+                sync: false,
+            };
+            let staged = assemble(&conn, all, &batching, &prefix, &base, stage)
+                .unwrap()
+                .unwrap();
+            let files = std::fs::read_dir(base.parent().unwrap()).unwrap().count();
+            (staged, files)
+        };
+        // Files only: the reference.
+        let (files, n) = run("files", 0);
+        assert_eq!(n, 3);
+        assert!(files
+            .parts
+            .iter()
+            .all(|p| matches!(p.staging, Staging::File(_))));
+        // Everything fits: no file is written.
+        let (memory, n) = run("memory", 1 << 20);
+        assert_eq!(n, 0);
+        assert!(memory
+            .parts
+            .iter()
+            .all(|p| matches!(p.staging, Staging::Memory(_))));
+        // Room for about one object: the others go to their files, each whole.
+        let one = bytes_of(&files.parts[0].staging).len();
+        let (mixed, n) = run("mixed", one + one / 2);
+        let in_memory = mixed
+            .parts
+            .iter()
+            .filter(|p| matches!(p.staging, Staging::Memory(_)))
+            .count();
+        assert_eq!((in_memory, n), (1, 2));
+        for staged in [&memory, &mixed] {
+            assert_eq!(staged.records, 300);
+            for (a, b) in files.parts.iter().zip(&staged.parts) {
+                assert_eq!(a.partition, b.partition);
+                assert_eq!(a.records, b.records);
+                assert_eq!(bytes_of(&a.staging), bytes_of(&b.staging));
+                // Compressed later, in memory or in place (files: once), to the same bytes.
+                let plain = bytes_of(&b.staging);
+                let z = compress(b.staging.clone(), Compression::Gzip, false).unwrap();
+                let mut back = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(&bytes_of(&z)[..]),
+                    &mut back,
+                )
+                .unwrap();
+                assert_eq!(back, plain);
+            }
+        }
+    }
+
     #[test]
     fn snappy_bodies_use_the_framing_format() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.part");
-        let mut body = Body::new(&path, Compression::Snappy, 1024).unwrap();
+        let none = Cell::new(0);
+        let out = Spill::new(Some(path.clone()), 1024, &none).unwrap();
+        let mut body = Body::new(out, Compression::Snappy);
         body.write_all(b"{\"a\":1}\n").unwrap();
         body.write_all(b"{\"a\":2}\n").unwrap();
         body.finish(true).unwrap();

@@ -5,12 +5,12 @@
 
 use futures_util::stream::{self, StreamExt};
 
-use super::assemble::{self, Selection};
+use super::assemble::{self, Selection, Stage};
 use super::engine::{Attempt, Delivery, Extent, Plan, Report};
 use super::journal::Reader;
 use super::DeliveryError;
 use crate::config::{BatchingConfig, Compression};
-use crate::sinks::ObjectSink;
+use crate::sinks::{ObjectSink, Staging};
 use crate::templates::keys::{BatchId, KeyPattern};
 
 pub struct ObjectDelivery {
@@ -24,10 +24,15 @@ pub struct ObjectDelivery {
     pub concurrency: usize,
 }
 
+/// Bytes of a batch's objects a remote sink's delivery keeps in memory rather than in staging
+/// files (no file written and read back, no wear on an SD card for everyday batches); the rest
+/// of a larger batch is staged in files, so memory does not grow with the buffering hints.
+pub const MEMORY_STAGING: usize = 4 << 20;
+
 /// One staged object of a batch.
 #[derive(Debug)]
 struct Object {
-    path: std::path::PathBuf,
+    staging: Staging,
     key: String,
     records: u64,
     /// It is in the bucket.
@@ -55,7 +60,18 @@ impl Delivery for ObjectDelivery {
         let mut batching = self.batching.clone();
         batching.size = plan.max_bytes;
         let prefix = self.keys.prefix.clone();
-        let sync = matches!(self.sink, ObjectSink::File(_));
+        // The `file` sink renames fsynced files into place; a remote one reads them back.
+        let stage = match self.sink {
+            ObjectSink::File(_) => Stage {
+                memory: 0,
+                sync: true,
+            },
+            #[cfg(feature = "aws")]
+            ObjectSink::S3(_) => Stage {
+                memory: MEMORY_STAGING,
+                sync: false,
+            },
+        };
         let staged = self
             .reader
             .read(move |c| {
@@ -70,7 +86,7 @@ impl Delivery for ObjectDelivery {
                     &batching,
                     &prefix,
                     &path,
-                    sync,
+                    stage,
                 )
             })
             .await?;
@@ -94,7 +110,7 @@ impl Delivery for ObjectDelivery {
                 self.keys.partition_key(batch, &part.partition)?
             };
             objects.push(Object {
-                path: part.path,
+                staging: part.staging,
                 key,
                 records: part.records,
                 put: false,
@@ -127,23 +143,25 @@ impl Delivery for ObjectDelivery {
         let sync = matches!(sink, ObjectSink::File(_));
         // Each object is compressed (on the blocking pool) right before its put, so the
         // compression of one overlaps the puts of others.
-        let results: Vec<(usize, bool, Result<(), DeliveryError>)> = stream::iter(todo)
+        type Put = (usize, Option<Staging>, Result<(), DeliveryError>);
+        let results: Vec<Put> = stream::iter(todo)
             .map(|i| async move {
                 let o = &objects[i];
-                let mut compressed = false;
+                let mut compressed = None;
                 if o.compress != Compression::None {
-                    let (path, c) = (o.path.clone(), o.compress);
+                    let (staging, c) = (o.staging.clone(), o.compress);
                     let done =
-                        tokio::task::spawn_blocking(move || assemble::compress(&path, c, sync))
+                        tokio::task::spawn_blocking(move || assemble::compress(staging, c, sync))
                             .await
                             .map_err(std::io::Error::other)
                             .and_then(|r| r);
-                    if let Err(e) = done {
-                        return (i, false, Err(DeliveryError::Stage(e)));
+                    match done {
+                        Ok(s) => compressed = Some(s),
+                        Err(e) => return (i, None, Err(DeliveryError::Stage(e))),
                     }
-                    compressed = true;
                 }
-                let result = sink.put(&o.path, &o.key).await;
+                let staging = compressed.as_ref().unwrap_or(&o.staging);
+                let result = sink.put(staging, &o.key).await;
                 if result.is_ok() {
                     crate::failpoint::hit("delivery.after-first-put");
                 }
@@ -156,7 +174,8 @@ impl Delivery for ObjectDelivery {
         let mut first_error = None;
         for (i, compressed, result) in results {
             let o = &mut batch.objects[i];
-            if compressed {
+            if let Some(s) = compressed {
+                o.staging = s;
                 o.compress = Compression::None;
             }
             match result {

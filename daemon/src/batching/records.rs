@@ -16,6 +16,7 @@ use crate::buffer::store;
 use crate::metrics as m;
 use crate::sinks::file::FileSink;
 use crate::sinks::kinesis::{self, Delivered, KinesisSink, Rec};
+use crate::sinks::Staging;
 use crate::templates::keys::{BatchId, KeyPattern};
 
 pub struct RecordDelivery {
@@ -171,7 +172,6 @@ impl RecordDelivery {
         version: i64,
     ) -> Result<(), DeliveryError> {
         let sink = FileSink::new(&self.error_output_root, &self.name);
-        let staged = sink.staging_path(&self.name);
         let mut body = Vec::new();
         for (rec, code, why) in rejected {
             body.extend(super::assemble::error_record(
@@ -193,18 +193,7 @@ impl RecordDelivery {
                 oldest_arrival_ms: first.arrival_ms,
             })
             .unwrap_or_else(|| Ok(format!("processing-failed/{}", first.id)))?;
-        let path = staged.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = std::fs::File::create(&path)?;
-            std::io::Write::write_all(&mut f, &body)?;
-            f.sync_all()
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        sink.put(&staged, &key).await?;
+        sink.put(&Staging::Memory(body.into()), &key).await?;
         Ok(())
     }
 }

@@ -3,9 +3,10 @@
 //! `<root>/.edgehose-staging/`, renamed into place, and the directory is fsynced.
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::SinkError;
+use super::{SinkError, Staging};
 
 pub struct FileSink {
     root: PathBuf,
@@ -50,13 +51,28 @@ impl FileSink {
         .map_err(|e| SinkError::Io(std::io::Error::other(e)))?
     }
 
-    pub async fn put(&self, staged: &Path, key: &str) -> Result<(), SinkError> {
+    /// Renames a staged file into place; an object in memory is first written and fsynced
+    /// to a staging file of its own.
+    pub async fn put(&self, staged: &Staging, key: &str) -> Result<(), SinkError> {
         let target = self.root.join(&self.bucket).join(key);
-        let staged = staged.to_path_buf();
+        let staged = staged.clone();
+        let spare = self.staging_path(&key.replace('/', "_"));
         tokio::task::spawn_blocking(move || -> Result<(), SinkError> {
             let dir = target.parent().unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
-            std::fs::rename(&staged, &target)?;
+            let path = match staged {
+                Staging::File(path) => path,
+                Staging::Memory(data) => {
+                    if let Some(d) = spare.parent() {
+                        std::fs::create_dir_all(d)?;
+                    }
+                    let mut file = File::create(&spare)?;
+                    file.write_all(&data)?;
+                    file.sync_all()?;
+                    spare
+                }
+            };
+            std::fs::rename(&path, &target)?;
             File::open(dir)?.sync_all()?;
             Ok(())
         })
@@ -76,23 +92,32 @@ mod tests {
         let staged = sink.staging_path("d");
         std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
         std::fs::write(&staged, b"x\n").unwrap();
-        sink.put(&staged, "2024/01/02/03/s-1-2024-01-02-03-04-05-u")
+        let file = Staging::File(staged.clone());
+        sink.put(&file, "2024/01/02/03/s-1-2024-01-02-03-04-05-u")
             .await
             .unwrap();
         let out = dir.path().join("b/2024/01/02/03/s-1-2024-01-02-03-04-05-u");
-        assert_eq!(std::fs::read(out).unwrap(), b"x\n");
+        assert_eq!(std::fs::read(&out).unwrap(), b"x\n");
         assert!(!staged.exists());
         // Putting the same key again (a retried batch) replaces it.
-        std::fs::write(&staged, b"x\n").unwrap();
-        sink.put(&staged, "2024/01/02/03/s-1-2024-01-02-03-04-05-u")
+        std::fs::write(&staged, b"y\n").unwrap();
+        sink.put(&file, "2024/01/02/03/s-1-2024-01-02-03-04-05-u")
             .await
             .unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"y\n");
+        // An object held in memory lands the same way.
+        let memory = Staging::Memory(bytes::Bytes::from_static(b"z\n"));
+        sink.put(&memory, "2024/01/02/03/s-1-2024-01-02-03-04-05-u")
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"z\n");
     }
 
     #[tokio::test]
     async fn a_missing_staged_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let sink = FileSink::new(dir.path(), "b");
-        assert!(sink.put(&dir.path().join("nope"), "k").await.is_err());
+        let missing = Staging::File(dir.path().join("nope"));
+        assert!(sink.put(&missing, "k").await.is_err());
     }
 }

@@ -16,6 +16,8 @@ pub mod kpl;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
 use std::time::Duration;
 
 use crate::config::{DestinationConfig, SinkConfig};
@@ -34,6 +36,16 @@ pub enum SinkError {
         message: String,
         retry_after: Option<Duration>,
     },
+}
+
+/// Where a staged object's body is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Staging {
+    /// A file beside the buffer (the `file` sink's objects, and a remote sink's past the
+    /// batch's memory allowance).
+    File(PathBuf),
+    /// Held in memory (a remote sink's objects while the batch's allowance lasts).
+    Memory(Bytes),
 }
 
 /// What a destination is built with.
@@ -119,13 +131,15 @@ impl ObjectSink {
     }
 
     /// Puts one staged object under `key`.
-    pub async fn put(&self, staged: &Path, key: &str) -> Result<(), SinkError> {
+    pub async fn put(&self, staged: &Staging, key: &str) -> Result<(), SinkError> {
         match self {
             ObjectSink::File(s) => s.put(staged, key).await,
             #[cfg(feature = "aws")]
             ObjectSink::S3(s) => {
                 s.put(staged, key).await?;
-                let _ = tokio::fs::remove_file(staged).await;
+                if let Staging::File(path) = staged {
+                    let _ = tokio::fs::remove_file(path).await;
+                }
                 Ok(())
             }
         }

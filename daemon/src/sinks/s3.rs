@@ -10,7 +10,7 @@ use aws_sdk_s3::Client;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 
 use super::aws::{custom_endpoint, describe, endpoint_label, sdk_config, sink_error};
-use super::SinkError;
+use super::{SinkError, Staging};
 use crate::config::{Compression, S3Config};
 
 pub struct S3Sink {
@@ -87,14 +87,15 @@ impl S3Sink {
             })
     }
 
-    pub async fn put(&self, staged: &Path, key: &str) -> Result<(), SinkError> {
-        let len = tokio::fs::metadata(staged).await?.len();
+    pub async fn put(&self, staged: &Staging, key: &str) -> Result<(), SinkError> {
+        let len = match staged {
+            Staging::File(path) => tokio::fs::metadata(path).await?.len(),
+            Staging::Memory(data) => data.len() as u64,
+        };
         if len > self.multipart_threshold {
             return self.put_multipart(staged, key, len).await;
         }
-        let body = ByteStream::from_path(staged)
-            .await
-            .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+        let body = body(staged, 0, len).await?;
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -108,7 +109,7 @@ impl S3Sink {
         Ok(())
     }
 
-    async fn put_multipart(&self, staged: &Path, key: &str, len: u64) -> Result<(), SinkError> {
+    async fn put_multipart(&self, staged: &Staging, key: &str, len: u64) -> Result<(), SinkError> {
         let part_size = self.multipart_threshold;
         let upload = self
             .client
@@ -133,13 +134,7 @@ impl S3Sink {
                     let offset = i * part_size;
                     let size = part_size.min(len - offset);
                     let number = i as i32 + 1;
-                    let body = ByteStream::read_from()
-                        .path(staged)
-                        .offset(offset)
-                        .length(aws_sdk_s3::primitives::Length::Exact(size))
-                        .build()
-                        .await
-                        .map_err(|e| SinkError::Io(std::io::Error::other(e)))?;
+                    let body = body(staged, offset, size).await?;
                     let out = self
                         .client
                         .upload_part()
@@ -190,5 +185,22 @@ impl S3Sink {
                 .await;
         }
         result
+    }
+}
+
+/// `len` bytes of a staged object from `offset`: read from its file as the request goes, or a
+/// slice of it in memory.
+async fn body(staged: &Staging, offset: u64, len: u64) -> Result<ByteStream, SinkError> {
+    match staged {
+        Staging::Memory(data) => Ok(ByteStream::from(
+            data.slice(offset as usize..(offset + len) as usize),
+        )),
+        Staging::File(path) => ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(aws_sdk_s3::primitives::Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| SinkError::Io(std::io::Error::other(e))),
     }
 }
