@@ -7,9 +7,12 @@ It first tries every concurrency given, each with botocore's default request che
 on every PutObject) and without (`when_required`, what the gateway sends), once each, and
 chooses the fastest configuration; then it runs that configuration RUNS times and reports the
 median and range. (Taking the best of all the tries as the figure would compare the minimum of
-many noisy samples with the gateway's median.)
+many noisy samples with the gateway's median.) With `--checksums X` and one concurrency it
+runs that configuration without trying others; with `--choose` it only tries and prints the
+chosen configuration (`C X`).
 
-Usage: s3_ceiling.py ENDPOINT SRC_BUCKET [--runs N] [concurrency ...]  (default: 3; 1 2 4 8 16)
+Usage: s3_ceiling.py ENDPOINT SRC_BUCKET [--runs N] [--checksums X] [--choose] [concurrency ...]
+       (default: 3 runs; concurrency 1 2 4 8 16)
 Prints one line: `ceiling: N objects, B bytes, median T s [min-max] over R runs at concurrency
 C, checksums X (O objects/s)`.
 """
@@ -24,9 +27,16 @@ from botocore.config import Config
 args = sys.argv[1:]
 endpoint, src = args[0], args[1]
 rest = args[2:]
-runs = 3
-if rest[:1] == ["--runs"]:
-    runs, rest = int(rest[1]), rest[2:]
+runs, fixed, choose = 3, None, False
+while rest[:1] and rest[0].startswith("--"):
+    if rest[0] == "--runs":
+        runs, rest = int(rest[1]), rest[2:]
+    elif rest[0] == "--checksums":
+        fixed, rest = rest[1], rest[2:]
+    elif rest[0] == "--choose":
+        choose, rest = True, rest[1:]
+    else:
+        sys.exit(f"unknown option {rest[0]}")
 levels = [int(c) for c in rest] or [1, 2, 4, 8, 16]
 
 
@@ -59,13 +69,19 @@ def put_all(c, checksums):
     return time.time() - start
 
 
-tries = []
-for checksums in clients:
-    for c in levels:
-        took = put_all(c, checksums)
-        print(f"  try: concurrency {c}, checksums {checksums}: {took:.3f} s", file=sys.stderr)
-        tries.append((took, c, checksums))
-_, c, checksums = min(tries)
+if fixed:
+    c, checksums = levels[0], fixed
+else:
+    tries = []
+    for checksums in clients:
+        for c in levels:
+            took = put_all(c, checksums)
+            print(f"  try: concurrency {c}, checksums {checksums}: {took:.3f} s", file=sys.stderr)
+            tries.append((took, c, checksums))
+    _, c, checksums = min(tries)
+    if choose:
+        print(c, checksums)
+        sys.exit(0)
 times = [put_all(c, checksums) for _ in range(runs)]
 print(f"  chosen: concurrency {c}, checksums {checksums}: " +
       ", ".join(f"{t:.3f}" for t in times) + " s", file=sys.stderr)
