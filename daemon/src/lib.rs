@@ -41,6 +41,7 @@ pub mod certs;
 pub mod failpoint;
 pub mod fuzz;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reload;

@@ -17,12 +17,15 @@
 //! later than the lateness) is counted as late and left out of the aggregates; the raw
 //! streams still hold it.
 
-use std::collections::{BTreeMap, HashMap};
+mod groups;
+
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
@@ -32,9 +35,9 @@ use crate::clock::now_ms;
 use crate::message::{Ack, Envelope, NewRecord, Outcome, WindowCommit};
 use crate::metrics as m;
 use crate::rules::value::Value;
-use crate::rules::window::Acc;
 use crate::rules::{Applied, Rule};
 use crate::shutdown::Shutdown;
+use groups::{Groups, Sizes};
 
 /// Rows read from the buffer at a time (a few blocks' worth: the rows of a chunk are held
 /// together, one allocation each for payload and partition key).
@@ -55,21 +58,8 @@ pub struct WindowStage {
     pub shutdown: Shutdown,
 }
 
-/// One group of an open window: held for every device in every open window (10,000 devices
-/// keep two windows open around each minute's end), so each part is allocated to its size.
-struct Group {
-    /// The group's key values (its `GROUP BY` expressions).
-    keys: Box<[Value<'static>]>,
-    accs: Box<[Acc]>,
-    /// The partition key of the group's first row (its rows share the rule's key template).
-    partition_key: Box<str>,
-}
-
 struct Window {
-    /// Each group's index in `groups`, by its key's JSON.
-    index: HashMap<Box<[u8]>, usize>,
-    /// In first-seen order, so that a window's rows come out in a stable order.
-    groups: Vec<Group>,
+    groups: Groups,
     /// The smallest input row id in the window: the position cannot pass it before emission.
     min_id: i64,
     /// When its first row was read, by the monotonic clock: the window has surely ended by
@@ -107,6 +97,10 @@ impl WindowStage {
         let open_gauge = metrics::gauge!(m::WINDOWS_OPEN, "stream" => label.clone());
         let incomplete = metrics::counter!(m::WINDOWS_INCOMPLETE, "stream" => label.clone());
         let mut open: BTreeMap<i64, Window> = BTreeMap::new();
+        let per_group = w.accumulators().len();
+        // The last closed window's size: the next is made as big from the start.
+        let mut sizes = Sizes::default();
+        let mut payload_bytes = 0;
         let mut position = state.position;
         let mut emitted_through = state.emitted_through_ms;
         let mut read_upto = position;
@@ -196,28 +190,14 @@ impl WindowStage {
                     };
                     let window = open.entry(start).or_insert_with(|| Window {
                         min_id: row.id,
-                        index: HashMap::new(),
-                        groups: Vec::new(),
+                        groups: Groups::new(per_group, sizes),
                         opened: tokio::time::Instant::now(),
                     });
                     window.min_id = window.min_id.min(row.id);
-                    let i = match window.index.get(input.key.as_slice()) {
-                        Some(&i) => i,
-                        None => {
-                            let i = window.groups.len();
-                            let keys = input.keys().iter().cloned().map(Value::into_owned);
-                            let keys = keys.collect();
-                            window.index.insert(input.key.clone().into_boxed_slice(), i);
-                            window.groups.push(Group {
-                                keys,
-                                accs: w.accumulators().into_boxed_slice(),
-                                partition_key: row.partition_key.into_boxed_str(),
-                            });
-                            i
-                        }
-                    };
-                    let group = &mut window.groups[i];
-                    for (acc, arg) in group.accs.iter_mut().zip(input.args()) {
+                    let accs = window
+                        .groups
+                        .get_or_add(&input.key, &row.partition_key, || w.accumulators());
+                    for (acc, arg) in accs.iter_mut().zip(input.args()) {
                         acc.add(arg);
                     }
                 }
@@ -242,27 +222,52 @@ impl WindowStage {
                 .map(|(start, _)| *start)
                 .collect();
             if !closable.is_empty() && committed.borrow().last_id <= read_upto {
-                let mut records = Vec::new();
+                let rows = closable.iter().map(|s| open[s].groups.len()).sum();
+                let mut records = Vec::with_capacity(rows);
+                // The rows' payloads end to end, one allocation shared by all the records
+                // (rather than 10,000 vectors each with room to spare), sized like the last.
+                let mut payloads = Vec::with_capacity(payload_bytes);
+                let mut ends = Vec::with_capacity(rows);
                 for start in &closable {
                     let window = &open[start];
-                    for group in &window.groups {
+                    sizes = window.groups.sizes();
+                    for (key, partition_key, accs) in window.groups.iter() {
                         let dropped = *start < incomplete_before;
                         if dropped {
                             incomplete.increment(1);
                         }
-                        match rule.close(&group.keys, &group.accs, *start, dropped) {
-                            Applied::Selected(Some(payload)) => records.push(NewRecord {
-                                stream: state.stream,
-                                arrival_ms: start + len,
-                                partition_key: group.partition_key.to_string(),
-                                payload: payload.into(),
-                            }),
+                        // The key's values, from the JSON they were grouped by.
+                        let keys = match Value::parse(key) {
+                            Ok(Value::Array(keys)) => keys,
+                            _ => {
+                                warn!(stream = %label, window_start_ms = start, "a group's key could not be read back");
+                                continue;
+                            }
+                        };
+                        match rule.close(&keys, accs, *start, dropped) {
+                            Applied::Selected(Some(payload)) => {
+                                payloads.extend_from_slice(&payload);
+                                ends.push(payloads.len());
+                                records.push(NewRecord {
+                                    stream: state.stream,
+                                    arrival_ms: start + len,
+                                    partition_key: partition_key.to_string(),
+                                    payload: Bytes::new(),
+                                });
+                            }
                             Applied::Selected(None) | Applied::Dropped => {}
                             Applied::Failed(e) => {
                                 warn!(stream = %label, window_start_ms = start, error = %e, "a closed window's row could not be made");
                             }
                         }
                     }
+                }
+                payload_bytes = payloads.len();
+                let payloads = Bytes::from(payloads);
+                let mut from = 0;
+                for (record, end) in records.iter_mut().zip(ends) {
+                    record.payload = payloads.slice(from..end);
+                    from = end;
                 }
                 let through = closable.last().expect("not empty") + len;
                 let remaining_min = open
@@ -291,6 +296,9 @@ impl WindowStage {
                         for start in &closable {
                             open.remove(start);
                         }
+                        // A minute's groups and rows, freed at once: give the pages back
+                        // rather than let the next minute's allocations land beside them.
+                        crate::memory::release_freed();
                         emitted.increment(closable.len() as u64);
                         position = new_position;
                         emitted_through = through;
