@@ -4,8 +4,9 @@
 # tests/bench/bench.py, which prints every figure of BENCHMARKS.md's main table with the
 # rumqttd and mosquitto baselines measured in the same run.
 #   tests/bench/bench.sh [--runs 3] [--json] [--quick] [--tls | --rules | --frugal]
-# --frugal measures the daemon as it ships on a gateway: the `dist` profile (size-optimised,
-# LTO), built here too (a few more minutes); its memory figures include the binary's code.
+# --frugal and --rules measure the daemon as it ships on a gateway: the `dist` profile
+# (size-optimised, LTO), built here too (a few more minutes); its memory figures include the
+# binary's code.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
@@ -23,7 +24,7 @@ if [[ " $* " == *" --quick "* ]]; then
     export BENCH_BIN=target/debug
 else
     cargo build --locked --release -j2 -p edgehose -p firmware-sim -p edgehose-tests --bins >&2
-    if [[ " $* " == *" --frugal "* ]]; then
+    if [[ " $* " == *" --frugal "* || " $* " == *" --rules "* ]]; then
         cargo build --locked --profile dist -j2 -p edgehose >&2
         export BENCH_EDGEHOSE=target/dist/edgehose
     fi
