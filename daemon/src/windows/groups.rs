@@ -21,6 +21,17 @@ pub struct Sizes {
     partition_key_bytes: usize,
 }
 
+impl Sizes {
+    /// Each size the larger of the two.
+    pub fn max(self, other: Sizes) -> Sizes {
+        Sizes {
+            groups: self.groups.max(other.groups),
+            key_bytes: self.key_bytes.max(other.key_bytes),
+            partition_key_bytes: self.partition_key_bytes.max(other.partition_key_bytes),
+        }
+    }
+}
+
 pub struct Groups {
     /// Group numbers (first-seen order), hashed by key.
     index: HashTable<u32>,
