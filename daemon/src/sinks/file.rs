@@ -56,7 +56,15 @@ impl FileSink {
     pub async fn put(&self, staged: &Staging, key: &str) -> Result<(), SinkError> {
         let target = self.root.join(&self.bucket).join(key);
         let staged = staged.clone();
-        let spare = self.staging_path(&key.replace('/', "_"));
+        // Named after the key's hash: a key may be longer than a file name can be, and puts of
+        // different keys may run at once.
+        let spare = self.staging_path(&format!(
+            "memory-{:016x}",
+            std::hash::BuildHasher::hash_one(
+                &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+                key
+            )
+        ));
         tokio::task::spawn_blocking(move || -> Result<(), SinkError> {
             let dir = target.parent().unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
@@ -111,6 +119,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"z\n");
+        // A key longer than a file name may be (the staged copy is named after its hash).
+        let long = format!("{}k", "p/".repeat(150));
+        sink.put(&memory, &long).await.unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("b").join(&long)).unwrap(),
+            b"z\n"
+        );
     }
 
     #[tokio::test]
