@@ -1,6 +1,7 @@
 //! Assembling one batch: reads committed records from the buffer, in id order, into staged
-//! object files (newline-delimited, optionally compressed), and fsyncs them. Memory use does not
-//! depend on the batch size: records stream from SQLite to the files.
+//! objects (newline-delimited, optionally compressed): in memory while the batch's allowance
+//! lasts (a remote sink's), else in files, fsynced for the `file` sink. Memory use does not
+//! depend on the batch size: past the allowance, records stream from SQLite to the files.
 //!
 //! With dynamic partitioning (`!{partitionKeyFromQuery:NAME}` in the prefix) one batch becomes
 //! one object per partition, plus an error object for records whose partition cannot be found

@@ -1,10 +1,10 @@
 //! Sinks: where a finished batch goes.
 //!
-//! Object sinks ([`ObjectSink`]: `file`, `s3`) get a staged object file and its key, and either
-//! store it durably under that key or fail; putting the same key twice must be harmless, since a
-//! batch is retried under the same key. The record sink ([`kinesis`]) puts one request's worth
-//! of a batch's records at a time and says which failed; the destination loop
-//! (`batching::engine`) decides when to try again.
+//! Object sinks ([`ObjectSink`]: `file`, `s3`) get a staged object (a file, or bytes in memory)
+//! and its key, and either store it durably under that key or fail; putting the same key twice
+//! must be harmless, since a batch is retried under the same key. The record sink
+//! ([`kinesis`]) puts one request's worth of a batch's records at a time and says which failed;
+//! the destination loop (`batching::engine`) decides when to try again.
 
 #[cfg(feature = "aws")]
 pub mod aws;
