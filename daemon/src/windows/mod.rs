@@ -17,6 +17,7 @@
 //! later than the lateness) is counted as late and left out of the aggregates; the raw
 //! streams still hold it.
 
+mod close;
 mod groups;
 
 use std::collections::BTreeMap;
@@ -25,18 +26,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::buffer::{store, Committed, WindowState};
 use crate::clock::now_ms;
-use crate::message::{Ack, Envelope, NewRecord, Outcome, WindowCommit};
+use crate::message::{Ack, Envelope, Outcome, WindowCommit};
 use crate::metrics as m;
-use crate::rules::value::Value;
-use crate::rules::{Applied, Rule};
+use crate::rules::Rule;
 use crate::shutdown::Shutdown;
+use close::Closing;
 use groups::{Groups, Sizes};
 
 /// Rows read from the buffer at a time (a few blocks' worth: the rows of a chunk are held
@@ -263,52 +263,19 @@ impl WindowStage {
                 .map(|(start, _)| *start)
                 .collect();
             if !closable.is_empty() && committed.borrow().last_id <= read_upto {
-                let rows = closable.iter().map(|s| open[s].groups.len()).sum();
-                let mut records = Vec::with_capacity(rows);
-                // The rows' payloads end to end, one allocation shared by all the records
-                // (rather than 10,000 vectors each with room to spare), sized like the last.
-                let mut payloads = Vec::with_capacity(payload_bytes);
-                let mut ends = Vec::with_capacity(rows);
-                for start in &closable {
-                    let window = &open[start];
-                    sizes = window.groups.sizes();
-                    for (key, partition_key, accs) in window.groups.iter() {
-                        let dropped = *start < incomplete_before;
-                        if dropped {
-                            incomplete.increment(1);
-                        }
-                        // The key's values, from the JSON they were grouped by.
-                        let keys = match Value::parse(key) {
-                            Ok(Value::Array(keys)) => keys,
-                            _ => {
-                                warn!(stream = %label, window_start_ms = start, "a group's key could not be read back");
-                                continue;
-                            }
-                        };
-                        match rule.close(&keys, accs, *start, dropped) {
-                            Applied::Selected(Some(payload)) => {
-                                payloads.extend_from_slice(&payload);
-                                ends.push(payloads.len());
-                                records.push(NewRecord {
-                                    stream: state.stream,
-                                    arrival_ms: start + len,
-                                    partition_key: partition_key.to_string(),
-                                    payload: Bytes::new(),
-                                });
-                            }
-                            Applied::Selected(None) | Applied::Dropped => {}
-                            Applied::Failed(e) => {
-                                warn!(stream = %label, window_start_ms = start, error = %e, "a closed window's row could not be made");
-                            }
-                        }
-                    }
-                }
-                payload_bytes = payloads.len();
-                let payloads = Bytes::from(payloads);
-                let mut from = 0;
-                for (record, end) in records.iter_mut().zip(ends) {
-                    record.payload = payloads.slice(from..end);
-                    from = end;
+                let closing = Closing {
+                    rule: &rule,
+                    label: &label,
+                    stream: state.stream,
+                    window_ms: len,
+                    incomplete_before,
+                    incomplete: &incomplete,
+                };
+                let windows = closable.iter().map(|s| (*s, &open[s].groups));
+                let records = closing.rows(windows, payload_bytes);
+                payload_bytes = records.iter().map(|r| r.payload.len()).sum();
+                if let Some(last) = closable.last() {
+                    sizes = open[last].groups.sizes();
                 }
                 let through = closable.last().expect("not empty") + len;
                 let remaining_min = open
