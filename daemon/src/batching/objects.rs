@@ -1,7 +1,8 @@
 //! Object delivery (`file`, `s3`): a batch is assembled from the buffer into staged objects
-//! ([`super::assemble`]; in memory up to [`MEMORY_STAGING`] for `s3`, files otherwise), each given its key ([`super::keys`]), and put to the sink, the
-//! batch's objects concurrently (at most `put_concurrency` at once). An object that is in stays
-//! in: a retry puts only the objects that failed, under the same keys.
+//! ([`super::assemble`]; in memory up to [`MEMORY_STAGING`] for `s3`, files otherwise), each
+//! given its key ([`super::keys`]), and put to the sink, the batch's objects concurrently (at
+//! most `put_concurrency` at once). An object that is in stays in: a retry puts only the
+//! objects that failed, under the same keys.
 
 use futures_util::stream::{self, StreamExt};
 

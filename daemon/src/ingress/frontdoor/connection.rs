@@ -610,7 +610,7 @@ impl Connection {
                     let now = Instant::now();
                     if paused_until.is_some_and(|p| now >= p) {
                         paused_until = None;
-                        // The pause is the server's doing: it does not count against the keep-alive.
+                        // The pause is the server's doing: not counted against the keep-alive.
                         deadline = now + grace;
                     } else if partial_due.is_some_and(|p| now >= p) {
                         static LOG: LogLimit = LogLimit::new();
