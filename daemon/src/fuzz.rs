@@ -206,7 +206,26 @@ pub fn templates(data: &[u8]) {
             index.remove(f, session);
         }
     }
-    let _ = json_field::find(payload.as_bytes(), path);
+    // The single-pass lookup gives what a parsed document gives.
+    let found = json_field::find(payload.as_bytes(), path).ok();
+    let parsed = serde_json::from_str::<serde_json::Value>(payload)
+        .ok()
+        .map(|v| {
+            let mut at = &v;
+            for step in path.split('.') {
+                match at.get(step) {
+                    Some(next) => at = next,
+                    None => return json_field::Field::Missing,
+                }
+            }
+            match at {
+                serde_json::Value::String(s) => json_field::Field::Scalar(s.clone()),
+                serde_json::Value::Number(n) => json_field::Field::Scalar(n.to_string()),
+                serde_json::Value::Bool(b) => json_field::Field::Scalar(b.to_string()),
+                _ => json_field::Field::Other,
+            }
+        });
+    assert_eq!(found, parsed, "{path:?} in {payload:?}");
 }
 
 /// Reading a block back from the disk: any body, under any codec, decodes into records or an

@@ -9,7 +9,6 @@
 //! shape (AWS-SEMANTICS 5, 8).
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::ops::ControlFlow;
@@ -18,6 +17,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use bytes::Bytes;
 use flate2::write::GzEncoder;
+use hashbrown::HashMap;
 use rusqlite::Connection;
 
 use crate::buffer::store;
@@ -238,12 +238,30 @@ enum Placement {
     Error(&'static str, String),
 }
 
+/// Where one record goes.
+enum Target {
+    /// A part already open.
+    Open(usize),
+    /// A part to open, for this partition.
+    New(Vec<String>),
+    /// The error object, with a code and message.
+    Error(&'static str, String),
+}
+
+/// Partition names with their paths split into steps, once per batch.
+fn paths(names: &[String]) -> Vec<(&str, Vec<&str>)> {
+    names
+        .iter()
+        .map(|n| (n.as_str(), n.split('.').collect()))
+        .collect()
+}
+
 /// Reads the partition values of one record: each name is a (dotted) JSON field whose value is
 /// a string, number or boolean.
-fn partition_of(payload: &[u8], names: &[String]) -> Placement {
-    let mut values = Vec::with_capacity(names.len());
-    for name in names {
-        let text = match json_field::find(payload, name) {
+fn partition_of(payload: &[u8], paths: &[(&str, Vec<&str>)]) -> Placement {
+    let mut values = Vec::with_capacity(paths.len());
+    for (name, steps) in paths {
+        let text = match json_field::find_steps(payload, steps) {
             Ok(Field::Scalar(text)) => text,
             Ok(Field::Missing) => {
                 return Placement::Error(
@@ -307,6 +325,7 @@ pub fn assemble(
         std::fs::create_dir_all(dir)?;
     }
     let partitioned = !partition_names.is_empty();
+    let paths = paths(partition_names);
     // One big buffer for a single object; small ones when up to 500 files are open.
     let buffer = if partitioned { 8 * 1024 } else { 256 * 1024 };
     // Compressors hold ~300 KiB of state each: partitions are written plain, compressed after.
@@ -331,7 +350,7 @@ pub fn assemble(
         },
     };
     let mut open: Vec<Open> = Vec::new();
-    let mut by_partition: HashMap<Vec<String>, usize> = HashMap::new();
+    let mut by_partition: HashMap<Vec<String>, usize> = HashMap::default();
     let mut error_part: Option<usize> = None;
     let mut io_error = None;
     // Opens the next part file: `base` itself for a batch of one object.
@@ -370,41 +389,42 @@ pub fn assemble(
                     return ControlFlow::Break(());
                 }
             }
-            let placement = if partitioned {
-                match partition_of(row.payload, partition_names) {
-                    Placement::Partition(p) if !by_partition.contains_key(&p) => {
-                        if by_partition.len() >= MAX_ACTIVE_PARTITIONS {
-                            Placement::Error(
-                                PARTITION_LIMIT,
-                                format!("more than {MAX_ACTIVE_PARTITIONS} active partitions"),
-                            )
-                        } else if let Err(e) =
-                            prefix.evaluate(chrono::DateTime::UNIX_EPOCH, "xxxxxxxxxxx", &p, "")
-                        {
-                            Placement::Error(METADATA_EXTRACTION_FAILED, e.to_string())
-                        } else {
-                            Placement::Partition(p)
-                        }
-                    }
-                    p => p,
+            let target = if !partitioned {
+                // One object: the first part, once open.
+                match open.is_empty() {
+                    false => Target::Open(0),
+                    true => Target::New(Vec::new()),
                 }
             } else {
-                Placement::Partition(Vec::new())
+                match partition_of(row.payload, &paths) {
+                    Placement::Partition(p) => match by_partition.get(&p) {
+                        Some(&i) => Target::Open(i),
+                        None if by_partition.len() >= MAX_ACTIVE_PARTITIONS => Target::Error(
+                            PARTITION_LIMIT,
+                            format!("more than {MAX_ACTIVE_PARTITIONS} active partitions"),
+                        ),
+                        None => match prefix.evaluate(
+                            chrono::DateTime::UNIX_EPOCH,
+                            "xxxxxxxxxxx",
+                            &p,
+                            "",
+                        ) {
+                            Err(e) => Target::Error(METADATA_EXTRACTION_FAILED, e.to_string()),
+                            Ok(_) => Target::New(p),
+                        },
+                    },
+                    Placement::Error(code, message) => Target::Error(code, message),
+                }
             };
             let result = (|| -> io::Result<()> {
-                let (index, line) = match placement {
-                    Placement::Partition(p) => {
-                        let index = match by_partition.get(&p) {
-                            Some(&i) => i,
-                            None => {
-                                let n = open_part(&mut open, p.clone(), false, row.arrival_ms)?;
-                                by_partition.insert(p, n);
-                                n
-                            }
-                        };
-                        (index, None)
+                let (index, line) = match target {
+                    Target::Open(i) => (i, None),
+                    Target::New(p) => {
+                        let n = open_part(&mut open, p.clone(), false, row.arrival_ms)?;
+                        by_partition.insert(p, n);
+                        (n, None)
                     }
-                    Placement::Error(code, message) => {
+                    Target::Error(code, message) => {
                         match staged.errors.iter_mut().find(|(c, _)| *c == code) {
                             Some((_, n)) => *n += 1,
                             None => staged.errors.push((code, 1)),
@@ -513,6 +533,7 @@ mod tests {
     #[test]
     fn partition_values_come_from_json_fields() {
         let names = vec!["device".to_string(), "loc.site".to_string()];
+        let names = paths(&names);
         match partition_of(br#"{"device":"d1","loc":{"site":7}}"#, &names) {
             Placement::Partition(v) => assert_eq!(v, ["d1", "7"]),
             Placement::Error(_, m) => panic!("{m}"),

@@ -28,7 +28,9 @@ pub struct ObjectDelivery {
 /// Bytes of a batch's objects a remote sink's delivery keeps in memory rather than in staging
 /// files (no file written and read back, no wear on an SD card for everyday batches); the rest
 /// of a larger batch is staged in files, so memory does not grow with the buffering hints.
-pub const MEMORY_STAGING: usize = 4 << 20;
+/// Room for a batch of the default size hint (5 MiB) whole, even when its partitions are held
+/// plain until their puts.
+pub const MEMORY_STAGING: usize = 8 << 20;
 
 /// One staged object of a batch.
 #[derive(Debug)]

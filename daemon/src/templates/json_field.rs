@@ -1,13 +1,14 @@
 //! One field of a JSON document, found without building the document: `!{partitionKeyFromQuery:}`
 //! reads a dotted path (`device`, `loc.site`) from every record of a batch, and a parsed
 //! `serde_json::Value` per record (a map, a string per key) cost more than the rest of the
-//! batch's assembly. Everything off the path is skipped, but still checked to be JSON, so the
-//! answer is the one `serde_json::from_slice::<Value>` and a lookup would give: the last of
-//! duplicate keys wins, trailing characters are an error.
+//! batch's assembly. A single pass over the bytes finds the field; everything off the path is
+//! skipped but still checked to be JSON, so the answer is the one `serde_json::from_slice::<Value>`
+//! and a lookup would give: the last of duplicate keys wins, trailing characters, invalid UTF-8,
+//! lone surrogates, numbers out of range and nesting past serde_json's limit are errors. The
+//! rare cases (escapes in a key or in the answer, numbers with exponents or hundreds of digits,
+//! surrogate escapes) are handed to serde_json itself, so its rules decide them.
 
 use std::fmt;
-
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// What is at the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,122 +21,349 @@ pub enum Field {
     Other,
 }
 
+/// Why a document is not JSON, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotJson {
+    pub offset: usize,
+    pub reason: &'static str,
+}
+
+impl fmt::Display for NotJson {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} at byte {}", self.reason, self.offset)
+    }
+}
+
+impl std::error::Error for NotJson {}
+
+/// serde_json's nesting limit: it refuses a document whose arrays and objects nest this deep.
+const MAX_DEPTH: usize = 128;
+
 /// Looks up `path` (steps separated by `.`) in `json`; an error if `json` is not one JSON value.
-pub fn find(json: &[u8], path: &str) -> Result<Field, serde_json::Error> {
+pub fn find(json: &[u8], path: &str) -> Result<Field, NotJson> {
     let steps: Vec<&str> = path.split('.').collect();
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let found = At(&steps).deserialize(&mut de)?;
-    de.end()?;
+    find_steps(json, &steps)
+}
+
+/// [`find`] with the path already split into its steps (a batch looks up the same path in
+/// every record).
+pub fn find_steps(json: &[u8], steps: &[&str]) -> Result<Field, NotJson> {
+    if let Err(e) = std::str::from_utf8(json) {
+        return Err(NotJson {
+            offset: e.valid_up_to(),
+            reason: "invalid UTF-8",
+        });
+    }
+    let mut scan = Scan { b: json, i: 0 };
+    let found = scan.value(Some(steps), 0)?;
+    scan.ws();
+    if scan.i != json.len() {
+        return Err(scan.err("trailing characters"));
+    }
     Ok(found)
 }
 
-/// The rest of the path, from the value being read.
-struct At<'p>(&'p [&'p str]);
-
-impl<'de> DeserializeSeed<'de> for At<'_> {
-    type Value = Field;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
-        d.deserialize_any(self)
-    }
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
 }
 
-impl<'de> Visitor<'de> for At<'_> {
-    type Value = Field;
+/// A string's extent: its bytes between the quotes.
+struct Str {
+    start: usize,
+    end: usize,
+    /// It holds a backslash escape: its bytes are not its value.
+    escaped: bool,
+}
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON value")
+impl Scan<'_> {
+    fn err(&self, reason: &'static str) -> NotJson {
+        NotJson {
+            offset: self.i,
+            reason,
+        }
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Field, E> {
-        Ok(self.scalar(|| v.to_string()))
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Field, E> {
-        Ok(self.scalar(|| v.to_string()))
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Field, E> {
-        Ok(self.scalar(|| v.to_string()))
+    fn expect(&mut self, c: u8, reason: &'static str) -> Result<(), NotJson> {
+        self.ws();
+        if self.peek() != Some(c) {
+            return Err(self.err(reason));
+        }
+        self.i += 1;
+        Ok(())
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Field, E> {
-        // serde_json never produces a non-finite number; `Other` is only a guard.
-        Ok(match serde_json::Number::from_f64(v) {
-            Some(n) => self.scalar(|| n.to_string()),
-            None => self.leaf(Field::Other),
+    /// One value. `path`: the steps left when the value is on the path, None when it is only
+    /// checked; what it finds matters only on the path.
+    fn value(&mut self, path: Option<&[&str]>, depth: usize) -> Result<Field, NotJson> {
+        self.ws();
+        // What a value other than an object is: the answer at the path's end, a dead end before.
+        let leaf = |at_end: Field| match path {
+            Some([]) => at_end,
+            _ => Field::Missing,
+        };
+        match self.peek() {
+            Some(b'{') => self.object(path, depth + 1),
+            Some(b'[') => {
+                self.array(depth + 1)?;
+                Ok(leaf(Field::Other))
+            }
+            Some(b'"') => {
+                let s = self.string()?;
+                Ok(match path {
+                    Some([]) => Field::Scalar(self.text(&s)?),
+                    _ => Field::Missing,
+                })
+            }
+            Some(b't') => {
+                self.literal(b"true")?;
+                Ok(leaf(Field::Scalar("true".into())))
+            }
+            Some(b'f') => {
+                self.literal(b"false")?;
+                Ok(leaf(Field::Scalar("false".into())))
+            }
+            Some(b'n') => {
+                self.literal(b"null")?;
+                Ok(leaf(Field::Other))
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.i;
+                let rare = self.number()?;
+                let text = &self.b[start..self.i];
+                let answer = matches!(path, Some([]));
+                if !(rare || answer) {
+                    return Ok(Field::Missing);
+                }
+                // serde_json decides what the number is (and whether it is out of range).
+                match serde_json::from_slice::<serde_json::Number>(text) {
+                    Ok(n) if answer => Ok(Field::Scalar(n.to_string())),
+                    Ok(_) => Ok(Field::Missing),
+                    Err(_) => Err(NotJson {
+                        offset: start,
+                        reason: "number out of range",
+                    }),
+                }
+            }
+            Some(_) => Err(self.err("expected a value")),
+            None => Err(self.err("unexpected end")),
+        }
+    }
+
+    fn object(&mut self, path: Option<&[&str]>, depth: usize) -> Result<Field, NotJson> {
+        if depth >= MAX_DEPTH {
+            return Err(self.err("nested too deep"));
+        }
+        self.i += 1;
+        let mut found = Field::Missing;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+        } else {
+            loop {
+                self.ws();
+                if self.peek() != Some(b'"') {
+                    return Err(self.err("expected a key"));
+                }
+                let key = self.string()?;
+                self.expect(b':', "expected ':'")?;
+                match path {
+                    Some([step, rest @ ..]) if self.is(&key, step)? => {
+                        // The last of duplicate keys wins.
+                        found = self.value(Some(rest), depth)?;
+                    }
+                    _ => {
+                        self.value(None, depth)?;
+                    }
+                }
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return Err(self.err("expected ',' or '}'")),
+                }
+            }
+        }
+        Ok(match path {
+            Some([]) => Field::Other,
+            Some(_) => found,
+            None => Field::Missing,
         })
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-        Ok(self.scalar(|| v.to_string()))
-    }
-
-    fn visit_unit<E>(self) -> Result<Field, E> {
-        Ok(self.leaf(Field::Other))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(self.leaf(Field::Other))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
-        let Some((step, rest)) = self.0.split_first() else {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            return Ok(Field::Other);
-        };
-        let mut found = Field::Missing;
-        while let Some(hit) = map.next_key_seed(Is(step))? {
-            if hit {
-                found = map.next_value_seed(At(rest))?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
+    fn array(&mut self, depth: usize) -> Result<(), NotJson> {
+        if depth >= MAX_DEPTH {
+            return Err(self.err("nested too deep"));
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.value(None, depth)?;
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b']') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.err("expected ',' or ']'")),
             }
         }
-        Ok(found)
     }
-}
 
-impl At<'_> {
-    /// A scalar is the answer at the path's end, and a dead end before it.
-    fn scalar(&self, text: impl FnOnce() -> String) -> Field {
-        if self.0.is_empty() {
-            Field::Scalar(text())
-        } else {
-            Field::Missing
+    fn literal(&mut self, word: &[u8]) -> Result<(), NotJson> {
+        if !self.b[self.i..].starts_with(word) {
+            return Err(self.err("expected a value"));
+        }
+        self.i += word.len();
+        Ok(())
+    }
+
+    /// Skips a number (JSON's grammar); true if serde_json must look at it: an exponent or
+    /// enough digits to pass f64's range.
+    fn number(&mut self) -> Result<bool, NotJson> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.err("invalid number")),
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.err("invalid number"));
+            }
+            self.digits();
+        }
+        let mut exponent = false;
+        if let Some(b'e' | b'E') = self.peek() {
+            exponent = true;
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.err("invalid number"));
+            }
+            self.digits();
+        }
+        Ok(exponent || self.i - start > 300)
+    }
+
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
         }
     }
 
-    fn leaf(&self, at_end: Field) -> Field {
-        if self.0.is_empty() {
-            at_end
-        } else {
-            Field::Missing
+    /// Skips a string (at its opening quote).
+    fn string(&mut self) -> Result<Str, NotJson> {
+        self.i += 1;
+        let start = self.i;
+        let mut escaped = false;
+        let mut surrogate = false;
+        loop {
+            self.plain();
+            match self.peek() {
+                Some(b'"') => break,
+                Some(b'\\') => {
+                    escaped = true;
+                    self.i += 1;
+                    match self.peek() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
+                        Some(b'u') => {
+                            self.i += 1;
+                            let hex = self.b.get(self.i..self.i + 4).unwrap_or_default();
+                            if hex.len() < 4 || !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return Err(self.err("invalid \\u escape"));
+                            }
+                            // A surrogate must pair up: serde_json judges.
+                            surrogate |= matches!(hex[0], b'd' | b'D')
+                                && matches!(hex[1], b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F');
+                            self.i += 4;
+                        }
+                        _ => return Err(self.err("invalid escape")),
+                    }
+                }
+                Some(0..=0x1f) => return Err(self.err("control character in a string")),
+                Some(_) => self.i += 1,
+                None => return Err(self.err("unterminated string")),
+            }
+        }
+        let s = Str {
+            start,
+            end: self.i,
+            escaped,
+        };
+        self.i += 1;
+        if surrogate {
+            self.decode(&s)?;
+        }
+        Ok(s)
+    }
+
+    /// Skips the string's bytes up to its next quote, backslash or control character, eight
+    /// at a time.
+    fn plain(&mut self) {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        // The high bit of each byte that is zero (exact for the lowest such byte).
+        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        while let Some(chunk) = self.b.get(self.i..self.i + 8) {
+            let x = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            let stop = zero(x ^ (ONES * u64::from(b'"')))
+                | zero(x ^ (ONES * u64::from(b'\\')))
+                | (x.wrapping_sub(ONES * 0x20) & !x & HIGH);
+            if stop != 0 {
+                self.i += stop.trailing_zeros() as usize / 8;
+                return;
+            }
+            self.i += 8;
         }
     }
-}
 
-/// Whether an object's key is this step, compared without copying the key.
-struct Is<'s>(&'s str);
-
-impl<'de> DeserializeSeed<'de> for Is<'_> {
-    type Value = bool;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Is<'_> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object key")
+    /// A string's value; serde_json decodes its escapes.
+    fn decode(&self, s: &Str) -> Result<String, NotJson> {
+        serde_json::from_slice(&self.b[s.start - 1..=s.end]).map_err(|_| NotJson {
+            offset: s.start - 1,
+            reason: "invalid escape",
+        })
     }
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
-        Ok(v == self.0)
+    fn text(&self, s: &Str) -> Result<String, NotJson> {
+        if s.escaped {
+            return self.decode(s);
+        }
+        // Checked to be UTF-8 as a whole, and a string ends at a quote.
+        Ok(String::from_utf8_lossy(&self.b[s.start..s.end]).into_owned())
+    }
+
+    /// Whether a key is this step.
+    fn is(&self, key: &Str, step: &str) -> Result<bool, NotJson> {
+        if key.escaped {
+            return Ok(self.decode(key)? == step);
+        }
+        Ok(&self.b[key.start..key.end] == step.as_bytes())
     }
 }
 
@@ -178,16 +406,91 @@ mod tests {
             br#"{"device":}"#,
             b"not json",
             b"",
+            br#"{"dev\u0069ce":"esc\u00e9\n","device":"x","device":"y\ud83d\ude00"}"#,
+            br#"{"device":"\ud800"}"#,
+            br#"{"x":"\udc00","device":1}"#,
+            br#"{"device":1e400}"#,
+            br#"{"x":1e400,"device":1}"#,
+            br#"{"device":-0,"n":-0.0,"f":1E+2,"e":1e-400}"#,
+            br#"{"device":01}"#,
+            br#"{"device":1.}"#,
+            br#"{"device":.5}"#,
+            br#"{"device":"tab	inside"}"#,
+            br#"{"device":"a",}"#,
+            br#"{,"device":"a"}"#,
+            br#"[1,]"#,
+            br#"{"device" "a"}"#,
+            br#"{"device":tru}"#,
+            br#"{"device":nul,"x":1}"#,
+            br#"{"device":"\x"}"#,
+            br#"{"device":"\u12"}"#,
+            b"{\"device\":\"\xff\"}",
+            b"{\"device\":\"ok\"}\xc3",
+            b" \t\r\n{\"device\" : true } \n",
         ];
         let paths = [
             "device", "loc.site", "loc", "n", "f", "e", "t", "z", "big", "neg", "tiny", "a.b.c",
-            "a.b", "x", "",
+            "a.b", "x", "", "device.x",
         ];
         for doc in docs {
             for path in paths {
                 let want = by_value(doc, path);
                 let got = find(doc, path).map_err(|_| ());
                 assert_eq!(got, want, "{path:?} in {:?}", String::from_utf8_lossy(doc));
+            }
+        }
+    }
+
+    #[test]
+    fn nesting_stops_where_serde_json_stops() {
+        for depth in [1, 100, 126, 127, 128, 129, 200] {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let doc = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+                let doc = format!("{{\"device\":1,\"x\":{doc}}}");
+                for path in ["device", "x", "x.a", "x.a.a"] {
+                    let want = by_value(doc.as_bytes(), path);
+                    assert_eq!(
+                        find(doc.as_bytes(), path).map_err(|_| ()),
+                        want,
+                        "{depth} {open}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Random damage to valid documents (a deterministic generator): whatever the bytes, the
+    /// answer is serde_json's.
+    #[test]
+    fn damaged_documents_get_serde_jsons_answer() {
+        let seeds: &[&[u8]] = &[
+            br#"{"device":"d-01","seq":12,"t":21.5,"e":-1.5e3,"ok":true,"z":null,"a":[1,"x",{"device":2}],"loc":{"site":"s\u00e9","n":[]}}"#,
+            br#"{"loc":{"site":7},"device":"\"q\"","loc":{"site":"late"}}"#,
+        ];
+        let alphabet = b"{}[]\":,.-+eE0123456789 \\/ubntrfaelsxd\x01\x7f\xc3\xa9";
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for _ in 0..20_000 {
+            let mut doc = seeds[next(seeds.len())].to_vec();
+            for _ in 0..1 + next(3) {
+                let at = next(doc.len() + 1);
+                match next(3) {
+                    0 if at < doc.len() => {
+                        doc.remove(at);
+                    }
+                    1 if at < doc.len() => doc[at] = alphabet[next(alphabet.len())],
+                    _ => doc.insert(at, alphabet[next(alphabet.len())]),
+                }
+            }
+            for path in ["device", "loc.site", "a", "loc"] {
+                let want = by_value(&doc, path);
+                let got = find(&doc, path).map_err(|_| ());
+                assert_eq!(got, want, "{path:?} in {:?}", String::from_utf8_lossy(&doc));
             }
         }
     }
