@@ -8,6 +8,8 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
+use crate::templates::json_field::{self, NotJson};
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value<'a> {
     /// Not a value: a missing field, a function given the wrong types. Left out of the output.
@@ -30,12 +32,29 @@ impl<'a> Value<'a> {
 
     /// Parses a JSON document keeping, of a top-level object, only the fields named (the rest
     /// is checked and skipped, never built): what rules read of a message.
-    pub fn parse_fields(json: &'a [u8], fields: &[String]) -> Result<Self, serde_json::Error> {
-        use serde::de::DeserializeSeed;
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let v = TopLevel { fields }.deserialize(&mut de)?;
-        de.end()?;
-        Ok(v)
+    pub fn parse_fields(json: &'a [u8], fields: &[String]) -> Result<Self, NotJson> {
+        let mut out = Vec::new();
+        let object = json_field::object_fields(
+            json,
+            |k| fields.iter().any(|f| f == k),
+            |k, bytes| {
+                // Checked as JSON already: serde_json builds the value.
+                let v = serde_json::from_slice(bytes).map_err(|_| NotJson {
+                    offset: bytes.as_ptr() as usize - json.as_ptr() as usize,
+                    reason: "invalid value",
+                })?;
+                out.push((k, v));
+                Ok(())
+            },
+        )?;
+        if object {
+            return Ok(Value::Object(out));
+        }
+        // Not an object: all of it (serde_json's columns count bytes on a one-line document).
+        Value::parse(json).map_err(|e| NotJson {
+            offset: e.column().saturating_sub(1),
+            reason: "not JSON",
+        })
     }
 
     pub fn type_name(&self) -> &'static str {
@@ -180,64 +199,6 @@ impl<'de> Visitor<'de> for ValueVisitor {
         let mut out = Vec::new();
         while let Some(k) = map.next_key::<Key<'de>>()? {
             out.push((k.0, map.next_value()?));
-        }
-        Ok(Value::Object(out))
-    }
-}
-
-/// The top of a document whose object fields are kept only if named.
-struct TopLevel<'f> {
-    fields: &'f [String],
-}
-
-impl<'de> de::DeserializeSeed<'de> for TopLevel<'_> {
-    type Value = Value<'de>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value<'de>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TopLevel<'_> {
-    type Value = Value<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_bool(v)
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_i64(v)
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_u64(v)
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_f64(v)
-    }
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_borrowed_str(v)
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_str(v)
-    }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_string(v)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Value<'de>, E> {
-        ValueVisitor.visit_unit()
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value<'de>, A::Error> {
-        ValueVisitor.visit_seq(seq)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value<'de>, A::Error> {
-        let mut out = Vec::new();
-        while let Some(k) = map.next_key::<Key<'de>>()? {
-            if self.fields.iter().any(|f| *f == k.0) {
-                out.push((k.0, map.next_value()?));
-            } else {
-                map.next_value::<de::IgnoredAny>()?;
-            }
         }
         Ok(Value::Object(out))
     }

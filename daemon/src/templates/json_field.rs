@@ -8,6 +8,7 @@
 //! rare cases (escapes in a key or in the answer, numbers with exponents or hundreds of digits,
 //! surrogate escapes) are handed to serde_json itself, so its rules decide them.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// What is at the path.
@@ -61,6 +62,72 @@ pub fn find_steps(json: &[u8], steps: &[&str]) -> Result<Field, NotJson> {
         return Err(scan.err("trailing characters"));
     }
     Ok(found)
+}
+
+/// Calls `each` with (key, the value's bytes) for every field of a top-level object whose key
+/// `want`s, in order, duplicates included (rules read a handful of a payload's fields and build
+/// only those). The whole document is checked as [`find`] checks it. Ok(false) when the
+/// document does not start as an object: the caller parses it whole.
+pub fn object_fields<'a>(
+    json: &'a [u8],
+    want: impl Fn(&str) -> bool,
+    mut each: impl FnMut(Cow<'a, str>, &'a [u8]) -> Result<(), NotJson>,
+) -> Result<bool, NotJson> {
+    let mut scan = Scan { b: json, i: 0 };
+    scan.ws();
+    if scan.peek() != Some(b'{') {
+        return Ok(false);
+    }
+    if let Err(e) = std::str::from_utf8(json) {
+        return Err(NotJson {
+            offset: e.valid_up_to(),
+            reason: "invalid UTF-8",
+        });
+    }
+    scan.i += 1;
+    scan.ws();
+    if scan.peek() == Some(b'}') {
+        scan.i += 1;
+    } else {
+        loop {
+            scan.ws();
+            if scan.peek() != Some(b'"') {
+                return Err(scan.err("expected a key"));
+            }
+            let key = scan.string()?;
+            scan.expect(b':', "expected ':'")?;
+            scan.ws();
+            let start = scan.i;
+            scan.value(None, 1)?;
+            let key =
+                match key.escaped {
+                    true => Cow::Owned(scan.decode(&key)?),
+                    false => Cow::Borrowed(
+                        std::str::from_utf8(&json[key.start..key.end]).map_err(|_| NotJson {
+                            offset: key.start,
+                            reason: "invalid UTF-8",
+                        })?,
+                    ),
+                };
+            if want(&key) {
+                each(key, &json[start..scan.i])?;
+            }
+            scan.ws();
+            match scan.peek() {
+                Some(b',') => scan.i += 1,
+                Some(b'}') => {
+                    scan.i += 1;
+                    break;
+                }
+                _ => return Err(scan.err("expected ',' or '}'")),
+            }
+        }
+    }
+    scan.ws();
+    if scan.i != json.len() {
+        return Err(scan.err("trailing characters"));
+    }
+    Ok(true)
 }
 
 struct Scan<'a> {
