@@ -49,84 +49,36 @@ pub fn find(json: &[u8], path: &str) -> Result<Field, NotJson> {
 /// [`find`] with the path already split into its steps (a batch looks up the same path in
 /// every record).
 pub fn find_steps(json: &[u8], steps: &[&str]) -> Result<Field, NotJson> {
-    if let Err(e) = std::str::from_utf8(json) {
-        return Err(NotJson {
-            offset: e.valid_up_to(),
-            reason: "invalid UTF-8",
-        });
-    }
-    let mut scan = Scan { b: json, i: 0 };
+    let mut scan = Scan::new(json)?;
     let found = scan.value(Some(steps), 0)?;
-    scan.ws();
-    if scan.i != json.len() {
-        return Err(scan.err("trailing characters"));
-    }
+    scan.finish()?;
     Ok(found)
 }
 
 /// Calls `each` with (key, the value's bytes) for every field of a top-level object whose key
 /// `want`s, in order, duplicates included (rules read a handful of a payload's fields and build
 /// only those). The whole document is checked as [`find`] checks it. Ok(false) when the
-/// document does not start as an object: the caller parses it whole.
+/// document is not an object: the caller parses it whole.
 pub fn object_fields<'a>(
     json: &'a [u8],
     want: impl Fn(&str) -> bool,
     mut each: impl FnMut(Cow<'a, str>, &'a [u8]) -> Result<(), NotJson>,
 ) -> Result<bool, NotJson> {
-    let mut scan = Scan { b: json, i: 0 };
+    let mut scan = Scan::new(json)?;
     scan.ws();
     if scan.peek() != Some(b'{') {
         return Ok(false);
     }
-    if let Err(e) = std::str::from_utf8(json) {
-        return Err(NotJson {
-            offset: e.valid_up_to(),
-            reason: "invalid UTF-8",
-        });
-    }
-    scan.i += 1;
-    scan.ws();
-    if scan.peek() == Some(b'}') {
-        scan.i += 1;
-    } else {
-        loop {
-            scan.ws();
-            if scan.peek() != Some(b'"') {
-                return Err(scan.err("expected a key"));
-            }
-            let key = scan.string()?;
-            scan.expect(b':', "expected ':'")?;
-            scan.ws();
-            let start = scan.i;
-            scan.value(None, 1)?;
-            let key =
-                match key.escaped {
-                    true => Cow::Owned(scan.decode(&key)?),
-                    false => Cow::Borrowed(
-                        std::str::from_utf8(&json[key.start..key.end]).map_err(|_| NotJson {
-                            offset: key.start,
-                            reason: "invalid UTF-8",
-                        })?,
-                    ),
-                };
-            if want(&key) {
-                each(key, &json[start..scan.i])?;
-            }
-            scan.ws();
-            match scan.peek() {
-                Some(b',') => scan.i += 1,
-                Some(b'}') => {
-                    scan.i += 1;
-                    break;
-                }
-                _ => return Err(scan.err("expected ',' or '}'")),
-            }
+    scan.members(1, |scan, key| {
+        let start = scan.i;
+        scan.value(None, 1)?;
+        let key = scan.str_of(&key)?;
+        if want(&key) {
+            each(key, &json[start..scan.i])?;
         }
-    }
-    scan.ws();
-    if scan.i != json.len() {
-        return Err(scan.err("trailing characters"));
-    }
+        Ok(())
+    })?;
+    scan.finish()?;
     Ok(true)
 }
 
@@ -143,7 +95,28 @@ struct Str {
     escaped: bool,
 }
 
-impl Scan<'_> {
+impl<'a> Scan<'a> {
+    /// A scan of a document, which must be UTF-8 as a whole (serde_json checks its strings;
+    /// outside them any non-ASCII byte is an error anyway).
+    fn new(b: &'a [u8]) -> Result<Self, NotJson> {
+        if let Err(e) = std::str::from_utf8(b) {
+            return Err(NotJson {
+                offset: e.valid_up_to(),
+                reason: "invalid UTF-8",
+            });
+        }
+        Ok(Self { b, i: 0 })
+    }
+
+    /// After the document's value: only whitespace may follow.
+    fn finish(&mut self) -> Result<(), NotJson> {
+        self.ws();
+        if self.i != self.b.len() {
+            return Err(self.err("trailing characters"));
+        }
+        Ok(())
+    }
+
     fn err(&self, reason: &'static str) -> NotJson {
         NotJson {
             offset: self.i,
@@ -188,7 +161,7 @@ impl Scan<'_> {
             Some(b'"') => {
                 let s = self.string()?;
                 Ok(match path {
-                    Some([]) => Field::Scalar(self.text(&s)?),
+                    Some([]) => Field::Scalar(self.str_of(&s)?.into_owned()),
                     _ => Field::Missing,
                 })
             }
@@ -228,47 +201,61 @@ impl Scan<'_> {
     }
 
     fn object(&mut self, path: Option<&[&str]>, depth: usize) -> Result<Field, NotJson> {
-        if depth >= MAX_DEPTH {
-            return Err(self.err("nested too deep"));
-        }
-        self.i += 1;
         let mut found = Field::Missing;
-        self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-        } else {
-            loop {
-                self.ws();
-                if self.peek() != Some(b'"') {
-                    return Err(self.err("expected a key"));
+        self.members(depth, |scan, key| {
+            match path {
+                // The last of duplicate keys wins.
+                Some([step, rest @ ..]) if scan.is(&key, step)? => {
+                    found = scan.value(Some(rest), depth)?
                 }
-                let key = self.string()?;
-                self.expect(b':', "expected ':'")?;
-                match path {
-                    Some([step, rest @ ..]) if self.is(&key, step)? => {
-                        // The last of duplicate keys wins.
-                        found = self.value(Some(rest), depth)?;
-                    }
-                    _ => {
-                        self.value(None, depth)?;
-                    }
-                }
-                self.ws();
-                match self.peek() {
-                    Some(b',') => self.i += 1,
-                    Some(b'}') => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return Err(self.err("expected ',' or '}'")),
+                _ => {
+                    scan.value(None, depth)?;
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(match path {
             Some([]) => Field::Other,
             Some(_) => found,
             None => Field::Missing,
         })
+    }
+
+    /// Walks an object (at its opening brace): `member` gets each key, after its colon, and
+    /// must read the value.
+    fn members(
+        &mut self,
+        depth: usize,
+        mut member: impl FnMut(&mut Self, Str) -> Result<(), NotJson>,
+    ) -> Result<(), NotJson> {
+        if depth >= MAX_DEPTH {
+            return Err(self.err("nested too deep"));
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.err("expected a key"));
+            }
+            let key = self.string()?;
+            self.expect(b':', "expected ':'")?;
+            self.ws();
+            member(self, key)?;
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.err("expected ',' or '}'")),
+            }
+        }
     }
 
     fn array(&mut self, depth: usize) -> Result<(), NotJson> {
@@ -417,12 +404,18 @@ impl Scan<'_> {
         })
     }
 
-    fn text(&self, s: &Str) -> Result<String, NotJson> {
+    /// A string's value, borrowed when it holds no escapes.
+    fn str_of(&self, s: &Str) -> Result<Cow<'a, str>, NotJson> {
         if s.escaped {
-            return self.decode(s);
+            return self.decode(s).map(Cow::Owned);
         }
-        // Checked to be UTF-8 as a whole, and a string ends at a quote.
-        Ok(String::from_utf8_lossy(&self.b[s.start..s.end]).into_owned())
+        // Checked to be UTF-8 as a whole, and a string ends at an (ASCII) quote.
+        std::str::from_utf8(&self.b[s.start..s.end])
+            .map(Cow::Borrowed)
+            .map_err(|_| NotJson {
+                offset: s.start,
+                reason: "invalid UTF-8",
+            })
     }
 
     /// Whether a key is this step.
@@ -432,6 +425,37 @@ impl Scan<'_> {
         }
         Ok(&self.b[key.start..key.end] == step.as_bytes())
     }
+}
+
+/// `count` documents made from `seeds` by up to three random edits each (a byte removed,
+/// replaced or inserted, from JSON's punctuation, digits, escapes, a control byte and invalid
+/// UTF-8), from a deterministic generator: what the scanner's tests compare with serde_json.
+#[cfg(test)]
+pub(crate) fn damaged(seeds: &[&[u8]], seed: u64, count: usize) -> Vec<Vec<u8>> {
+    let alphabet = b"{}[]\":,.-+eE0123456789 \\/ubntrfaelsxd\x01\x7f\xc3\xa9";
+    let mut x = seed | 1;
+    let mut next = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    (0..count)
+        .map(|_| {
+            let mut doc = seeds[next(seeds.len())].to_vec();
+            for _ in 0..next(4) {
+                let at = next(doc.len() + 1);
+                match next(3) {
+                    0 if at < doc.len() => {
+                        doc.remove(at);
+                    }
+                    1 if at < doc.len() => doc[at] = alphabet[next(alphabet.len())],
+                    _ => doc.insert(at, alphabet[next(alphabet.len())]),
+                }
+            }
+            doc
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -534,26 +558,7 @@ mod tests {
             br#"{"device":"d-01","seq":12,"t":21.5,"e":-1.5e3,"ok":true,"z":null,"a":[1,"x",{"device":2}],"loc":{"site":"s\u00e9","n":[]}}"#,
             br#"{"loc":{"site":7},"device":"\"q\"","loc":{"site":"late"}}"#,
         ];
-        let alphabet = b"{}[]\":,.-+eE0123456789 \\/ubntrfaelsxd\x01\x7f\xc3\xa9";
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
-        for _ in 0..20_000 {
-            let mut doc = seeds[next(seeds.len())].to_vec();
-            for _ in 0..1 + next(3) {
-                let at = next(doc.len() + 1);
-                match next(3) {
-                    0 if at < doc.len() => {
-                        doc.remove(at);
-                    }
-                    1 if at < doc.len() => doc[at] = alphabet[next(alphabet.len())],
-                    _ => doc.insert(at, alphabet[next(alphabet.len())]),
-                }
-            }
+        for doc in damaged(seeds, 0x9e37_79b9_7f4a_7c15, 20_000) {
             for path in ["device", "loc.site", "a", "loc"] {
                 let want = by_value(&doc, path);
                 let got = find(&doc, path).map_err(|_| ());
