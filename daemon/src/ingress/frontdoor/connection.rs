@@ -42,14 +42,11 @@ const MAX_READ: usize = 16 * 1024;
 /// A device's byte stream. A connection reads and writes it in turn, from its one task, so it
 /// is not split into halves (a plain socket's halves share an allocation per connection).
 pub trait Device: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Whether [`Self::readable`] waits for bytes: then an idle device holds no read buffer.
-    const TELLS_READABLE: bool;
-    /// Resolves once a read would not wait (or, for a transport that cannot tell, at once).
+    /// Resolves once a read would not wait: until then an idle device holds no read buffer.
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
 impl Device for tokio::net::TcpStream {
-    const TELLS_READABLE: bool = true;
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         // The socket's own reader waker, as reads use: a pointer in the task, where
         // `TcpStream::readable`'s waiter would take 168 bytes.
@@ -57,12 +54,11 @@ impl Device for tokio::net::TcpStream {
     }
 }
 
-/// TLS: bytes on the socket are not bytes of plaintext, so the read buffer stays (the TLS
-/// session's own buffers dwarf it).
-impl Device for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
-    const TELLS_READABLE: bool = false;
+/// TLS: readable once plaintext or a whole record is waiting, or the socket has bytes; an idle
+/// device holds no buffer here either (nor in its record layer).
+impl Device for super::tls_stream::TlsStream {
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
-        std::future::ready(Ok(()))
+        std::future::poll_fn(move |cx| self.poll_readable(cx))
     }
 }
 
@@ -74,7 +70,7 @@ async fn read_some<S: Device>(
     buf: &mut BytesMut,
     size: &mut usize,
 ) -> std::io::Result<usize> {
-    if S::TELLS_READABLE && buf.is_empty() {
+    if buf.is_empty() {
         *buf = BytesMut::new();
         io.readable().await?;
     }
@@ -85,6 +81,12 @@ async fn read_some<S: Device>(
         *size = (*size * 2).min(MAX_READ);
     }
     Ok(n)
+}
+
+/// Writes `buf` and flushes: a TLS stream may hold the tail of its records until flushed.
+async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, buf: &[u8]) -> std::io::Result<()> {
+    io.write_all(buf).await?;
+    io.flush().await
 }
 
 /// Waiting for partial-packet budget.
@@ -413,7 +415,7 @@ async fn send<W: AsyncWrite + Unpin>(
     codec
         .write(out, buf)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    wr.write_all(buf).await?;
+    write_out(wr, buf).await?;
     buf.clear();
     Ok(())
 }
@@ -512,7 +514,7 @@ impl Connection {
                     Err(end) => Err(end),
                 };
                 if let Err(end) = step {
-                    let _ = io.write_all(outbuf).await;
+                    let _ = write_out(io, outbuf).await;
                     return end;
                 }
             }
@@ -520,7 +522,7 @@ impl Connection {
                 self.send_queued(outbuf);
             }
             if !outbuf.is_empty() {
-                if io.write_all(outbuf).await.is_err() {
+                if write_out(io, outbuf).await.is_err() {
                     return End::Abnormal("write failed");
                 }
                 outbuf.clear();
@@ -571,11 +573,11 @@ impl Connection {
                     let raised = self.wake.take();
                     if raised & wake::TAKEN_OVER != 0 {
                         let _ = self.codec.write(Out::Disconnect(DisconnectReason::SessionTakenOver), outbuf);
-                        let _ = io.write_all(outbuf).await;
+                        let _ = write_out(io, outbuf).await;
                         return End::Abnormal("taken over by a newer connection with the same client id");
                     }
                     if let Err(end) = self.acked(outbuf) {
-                        let _ = io.write_all(outbuf).await;
+                        let _ = write_out(io, outbuf).await;
                         return end;
                     }
                     if raised & wake::SHUTDOWN != 0 {
@@ -620,7 +622,7 @@ impl Connection {
                         return End::Abnormal("packet not completed within ingress.frontdoor.packet_timeout");
                     } else if keep_alive > 0 && now >= deadline {
                         let _ = self.codec.write(Out::Disconnect(DisconnectReason::KeepAliveTimeout), outbuf);
-                        let _ = io.write_all(outbuf).await;
+                        let _ = write_out(io, outbuf).await;
                         return End::Abnormal("keep-alive timeout");
                     }
                 }
@@ -644,7 +646,7 @@ impl Connection {
             Out::Disconnect(DisconnectReason::ServerShuttingDown),
             outbuf,
         );
-        let _ = io.write_all(outbuf).await;
+        let _ = write_out(io, outbuf).await;
         // Shutdown is not the device's fault: no will.
         End::Clean
     }

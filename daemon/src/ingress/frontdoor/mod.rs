@@ -13,6 +13,7 @@ pub mod limits;
 pub mod persist;
 pub mod pubsub;
 pub mod tls;
+pub mod tls_stream;
 pub mod wake;
 
 use std::collections::HashMap;
@@ -305,7 +306,7 @@ async fn serve_tls<H: Send + 'static>(
 type Handshake = Result<
     Result<
         (
-            tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            tls_stream::TlsStream,
             Option<crate::ingress::auth::PeerCertificate>,
         ),
         tls::HandshakeError,
@@ -318,7 +319,7 @@ fn handshake_done(
     accepted: Handshake,
     addr: Option<std::net::SocketAddr>,
 ) -> Option<(
-    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    tls_stream::TlsStream,
     Option<crate::ingress::auth::PeerCertificate>,
 )> {
     match accepted {

@@ -12,17 +12,20 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{UnbufferedServerConnection, WebPkiClientVerifier};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tracing::{error, info};
+
+use super::tls_stream::{Records, TlsStream};
 
 use crate::config::{ClientCerts, TlsConfig};
 use crate::ingress::auth::{x509, PeerCertificate};
 
 struct Loaded {
-    acceptor: tokio_rustls::TlsAcceptor,
+    server: Arc<ServerConfig>,
     revoked: HashSet<String>,
     /// Certificate fingerprint -> the thing it is attached to.
     things: HashMap<String, String>,
@@ -163,6 +166,8 @@ fn load(cfg: &TlsConfig) -> anyhow::Result<Loaded> {
     // Resumption keeps a reconnect storm cheap: session tickets (stateless) and a small cache.
     server.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     server.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?;
+    // After the handshake the keys go to our record layer (tls_stream.rs).
+    server.enable_secret_extraction = true;
     let revoked = match &cfg.revoked {
         Some(p) => read_revoked(p)?,
         None => HashSet::new(),
@@ -172,7 +177,7 @@ fn load(cfg: &TlsConfig) -> anyhow::Result<Loaded> {
         None => HashMap::new(),
     };
     Ok(Loaded {
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        server: Arc::new(server),
         revoked,
         things,
     })
@@ -206,17 +211,18 @@ impl Tls {
     /// The handshake, and the device certificate's identity if it sent one.
     pub async fn accept(
         &self,
-        stream: TcpStream,
-    ) -> Result<(TlsStream<TcpStream>, Option<PeerCertificate>), HandshakeError> {
+        mut tcp: TcpStream,
+    ) -> Result<(TlsStream, Option<PeerCertificate>), HandshakeError> {
         let loaded = Arc::clone(&self.loaded.read().unwrap_or_else(|p| p.into_inner()));
-        let tls = loaded
-            .acceptor
-            .accept(stream)
-            .await
-            .map_err(HandshakeError::Failed)?;
-        let peer = tls
-            .get_ref()
-            .1
+        let mut conn = UnbufferedServerConnection::new(Arc::clone(&loaded.server))
+            .map_err(|e| HandshakeError::Failed(tls_error(e)))?;
+        let mut hs = Handshake::default();
+        if let Err(e) = hs.run(&mut conn, &mut tcp).await {
+            // The alert rustls queued, if any, so that the device learns why.
+            let _ = hs.send_alert(&mut conn, &mut tcp).await;
+            return Err(HandshakeError::Failed(e));
+        }
+        let peer = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|leaf| {
@@ -234,7 +240,145 @@ impl Tls {
                 });
             }
         }
-        Ok((tls, peer))
+        let (secrets, kernel) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(|e| HandshakeError::Failed(tls_error(e)))?;
+        let records = Records::new(secrets, kernel).map_err(HandshakeError::Failed)?;
+        let stream = TlsStream::new(tcp, records, &hs.incoming[..hs.filled], &hs.early);
+        Ok((stream, peer))
+    }
+}
+
+fn tls_error(e: rustls::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+/// The largest handshake flight a device may send (its certificate chain): rustls's limit for
+/// one handshake message, and a little for record headers.
+const MAX_HANDSHAKE_BYTES: usize = 0xffff + 4096;
+
+/// Appends what rustls encodes to `outgoing`, growing it as rustls asks.
+fn encode(
+    outgoing: &mut Vec<u8>,
+    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
+) -> std::io::Result<()> {
+    let at = outgoing.len();
+    outgoing.resize(at + 1024, 0);
+    loop {
+        match encode(&mut outgoing[at..]) {
+            Ok(n) => {
+                outgoing.truncate(at + n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(s)) => outgoing.resize(at + s.required_size, 0),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.to_string(),
+                ))
+            }
+        }
+    }
+}
+
+/// A handshake's buffers: rustls's unbuffered API leaves them to the caller, so that what
+/// follows the handshake's last record stays here for [`TlsStream`].
+#[derive(Default)]
+struct Handshake {
+    incoming: Vec<u8>,
+    filled: usize,
+    outgoing: Vec<u8>,
+    /// Application data that came with the handshake's last flight, decrypted by rustls.
+    early: Vec<u8>,
+}
+
+impl Handshake {
+    async fn run(
+        &mut self,
+        conn: &mut UnbufferedServerConnection,
+        tcp: &mut TcpStream,
+    ) -> std::io::Result<()> {
+        loop {
+            let UnbufferedStatus { discard, state } =
+                conn.process_tls_records(&mut self.incoming[..self.filled]);
+            let mut read_more = false;
+            match state.map_err(tls_error)? {
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(rec) = r.next_record() {
+                        self.early
+                            .extend_from_slice(rec.map_err(tls_error)?.payload);
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut e) => {
+                    encode(&mut self.outgoing, |out| e.encode(out))?
+                }
+                ConnectionState::TransmitTlsData(t) => {
+                    tcp.write_all(&self.outgoing).await?;
+                    self.outgoing.clear();
+                    t.done();
+                }
+                ConnectionState::BlockedHandshake => read_more = true,
+                // Once the device's Finished is in (a TLS 1.3 server may write before).
+                ConnectionState::WriteTraffic(_) => read_more = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the device closed TLS during the handshake",
+                    ))
+                }
+                _ => return Err(tls_error(rustls::Error::General("early data".into()))),
+            }
+            self.incoming.copy_within(discard..self.filled, 0);
+            self.filled -= discard;
+            if read_more {
+                if !conn.is_handshaking() {
+                    return Ok(());
+                }
+                self.read(tcp).await?;
+            }
+        }
+    }
+
+    async fn read(&mut self, tcp: &mut TcpStream) -> std::io::Result<()> {
+        if self.filled == self.incoming.len() {
+            if self.incoming.len() >= MAX_HANDSHAKE_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "TLS handshake flight over 68 KiB",
+                ));
+            }
+            let len = (self.incoming.len() * 2).clamp(4096, MAX_HANDSHAKE_BYTES);
+            self.incoming.resize(len, 0);
+        }
+        let n = tcp.read(&mut self.incoming[self.filled..]).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the device closed the connection during the TLS handshake",
+            ));
+        }
+        self.filled += n;
+        Ok(())
+    }
+
+    /// Best effort: after a failure, what rustls queued (its alert) goes out.
+    async fn send_alert(
+        &mut self,
+        conn: &mut UnbufferedServerConnection,
+        tcp: &mut TcpStream,
+    ) -> std::io::Result<()> {
+        self.outgoing.clear();
+        while let UnbufferedStatus {
+            state: Ok(ConnectionState::EncodeTlsData(mut e)),
+            ..
+        } = conn.process_tls_records(&mut [])
+        {
+            encode(&mut self.outgoing, |out| e.encode(out))?;
+        }
+        if !self.outgoing.is_empty() {
+            tcp.write_all(&self.outgoing).await?;
+        }
+        Ok(())
     }
 }
 
