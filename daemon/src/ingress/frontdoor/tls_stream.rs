@@ -24,6 +24,7 @@ use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use zeroize::Zeroizing;
 
 const HEADER: usize = 5;
 const TAG: usize = 16;
@@ -51,11 +52,15 @@ fn bad(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-/// One direction's key, IV and record sequence number.
+/// One direction's key, IV and record sequence number. The key is expanded for ring (its AES
+/// round keys and GHASH table, ~520 bytes) while records flow, and let go while the connection
+/// waits: an idle device keeps the 16 or 32 bytes it came from.
 struct Keys {
-    key: aead::LessSafeKey,
+    alg: &'static aead::Algorithm,
+    secret: Zeroizing<[u8; 32]>,
     iv: [u8; 12],
     seq: u64,
+    expanded: Option<Box<aead::LessSafeKey>>,
 }
 
 impl Keys {
@@ -68,21 +73,37 @@ impl Keys {
             }
             _ => return Err(bad("a cipher suite the TLS record layer does not know")),
         };
-        let key = aead::UnboundKey::new(alg, key.as_ref())
-            .map_err(|_| bad("a traffic key of the wrong length"))?;
+        let key = key.as_ref();
+        if key.len() != alg.key_len() {
+            return Err(bad("a traffic key of the wrong length"));
+        }
+        let mut secret = Zeroizing::new([0u8; 32]);
+        secret[..key.len()].copy_from_slice(key);
         let iv: [u8; 12] = iv
             .as_ref()
             .try_into()
             .map_err(|_| bad("a traffic IV of the wrong length"))?;
         Ok(Self {
-            key: aead::LessSafeKey::new(key),
+            alg,
+            secret,
             iv,
             seq,
+            expanded: None,
         })
     }
 
+    /// The key as ring uses it, expanded if it was let go.
+    fn key(&mut self) -> io::Result<&aead::LessSafeKey> {
+        if self.expanded.is_none() {
+            let unbound = aead::UnboundKey::new(self.alg, &self.secret[..self.alg.key_len()])
+                .map_err(|_| bad("a traffic key of the wrong length"))?;
+            self.expanded = Some(Box::new(aead::LessSafeKey::new(unbound)));
+        }
+        Ok(self.expanded.as_deref().expect("just set"))
+    }
+
     fn is_gcm(&self) -> bool {
-        self.key.algorithm() != &aead::CHACHA20_POLY1305
+        self.alg != &aead::CHACHA20_POLY1305
     }
 
     /// The IV with the sequence number XORed into its last 8 bytes (TLS 1.3, and TLS 1.2's
@@ -160,6 +181,12 @@ impl Records {
         })
     }
 
+    /// Lets the expanded keys go (the connection waits with nothing in transit).
+    pub fn rest(&mut self) {
+        self.rx.expanded = None;
+        self.tx.expanded = None;
+    }
+
     /// The longest record body a peer may send (RFC 8446 §5.2; RFC 5246 §6.2.3).
     fn max_body(&self) -> usize {
         MAX_PLAIN + if self.tls13 { 256 } else { 2048 }
@@ -189,7 +216,7 @@ impl Records {
             let aad = aead::Aad::from(&header[..]);
             let plain = self
                 .rx
-                .key
+                .key()?
                 .open_in_place(nonce, aad, body)
                 .map_err(|_| bad("TLS record failed its integrity check"))?;
             // The inner type is the last byte that is not padding.
@@ -217,7 +244,7 @@ impl Records {
             let nonce = aead::Nonce::assume_unique_for_key(nonce);
             let start = HEADER + explicit;
             self.rx
-                .key
+                .key()?
                 .open_in_place(nonce, aad, &mut record[start..])
                 .map_err(|_| bad("TLS record failed its integrity check"))?;
             (outer, start..start + plain_len)
@@ -324,7 +351,7 @@ impl Records {
             let (header, body) = out[start..].split_at_mut(HEADER);
             let tag = self
                 .tx
-                .key
+                .key()?
                 .seal_in_place_separate_tag(
                     aead::Nonce::assume_unique_for_key(nonce),
                     aead::Aad::from(&header[..]),
@@ -342,7 +369,7 @@ impl Records {
             let aad = aad12(self.tx.seq, typ, plain.len());
             let tag = self
                 .tx
-                .key
+                .key()?
                 .seal_in_place_separate_tag(
                     aead::Nonce::assume_unique_for_key(nonce),
                     aad,
@@ -476,12 +503,21 @@ impl AsyncRead for TlsStream {
                 Some(n) => n - this.input.len(),
                 None => HEADER - this.input.len(),
             };
-            this.input.reserve(need.max(READ_SIZE));
             let n = loop {
                 ready!(this.tcp.poll_read_ready(cx))?;
+                this.input.reserve(need.max(READ_SIZE));
                 match this.tcp.try_read_buf(&mut this.input) {
                     Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if this.input.is_empty() {
+                            // Nothing in transit: wait without a buffer, and (once our
+                            // writes are out too) without expanded keys.
+                            this.input = BytesMut::new();
+                            if this.output.is_empty() {
+                                this.records.rest();
+                            }
+                        }
+                    }
                     Err(e) => return Poll::Ready(Err(e)),
                 }
             };
@@ -707,6 +743,15 @@ mod tests {
                 client = c2;
                 assert!(echoed == back, "{suite:?}: {n} bytes to the device");
             }
+            // Waiting with nothing in transit, the stream holds no buffer and no expanded key.
+            let mut one = [0u8; 1];
+            let waits = std::future::poll_fn(|cx| {
+                let r = Pin::new(&mut server).poll_read(cx, &mut ReadBuf::new(&mut one));
+                Poll::Ready(r.is_pending())
+            });
+            assert!(waits.await);
+            assert_eq!(server.input.capacity(), 0);
+            assert!(server.records.rx.expanded.is_none() && server.records.tx.expanded.is_none());
             // close_notify both ways: the device's is the stream's end, ours is a clean end.
             client.conn.send_close_notify();
             client.conn.complete_io(&mut client.sock).unwrap();
