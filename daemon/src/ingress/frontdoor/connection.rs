@@ -416,7 +416,7 @@ async fn send<W: AsyncWrite + Unpin>(
         .write(out, buf)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     write_out(wr, buf).await?;
-    buf.clear();
+    *buf = BytesMut::new();
     Ok(())
 }
 
@@ -525,7 +525,9 @@ impl Connection {
                 if write_out(io, outbuf).await.is_err() {
                     return End::Abnormal("write failed");
                 }
-                outbuf.clear();
+                // Let go: an idle device holds no output buffer (the next write allocates
+                // what it needs).
+                *outbuf = BytesMut::new();
             }
             // A packet still arriving holds budget for what it holds beyond the allowance.
             let want = match partial_since {

@@ -397,6 +397,8 @@ pub struct TlsStream {
     written: usize,
     read_closed: bool,
     close_sent: bool,
+    /// The last read found nothing in transit: the connection is waiting for its device.
+    read_parked: bool,
 }
 
 impl TlsStream {
@@ -423,6 +425,7 @@ impl TlsStream {
             written: 0,
             read_closed: false,
             close_sent: false,
+            read_parked: false,
         }
     }
 
@@ -460,6 +463,10 @@ impl TlsStream {
         }
         self.output = Vec::new();
         self.written = 0;
+        if self.read_parked {
+            // Written while the device is quiet (an acknowledgement): the transmit key goes too.
+            self.records.rest();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -507,12 +514,16 @@ impl AsyncRead for TlsStream {
                 ready!(this.tcp.poll_read_ready(cx))?;
                 this.input.reserve(need.max(READ_SIZE));
                 match this.tcp.try_read_buf(&mut this.input) {
-                    Ok(n) => break n,
+                    Ok(n) => {
+                        this.read_parked = false;
+                        break n;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         if this.input.is_empty() {
                             // Nothing in transit: wait without a buffer, and (once our
                             // writes are out too) without expanded keys.
                             this.input = BytesMut::new();
+                            this.read_parked = true;
                             if this.output.is_empty() {
                                 this.records.rest();
                             }
