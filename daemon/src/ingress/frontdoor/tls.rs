@@ -19,13 +19,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{error, info};
 
-use super::tls_stream::{Records, TlsStream};
+use super::tls_stream::{Records, TlsStream, TrafficSecret};
 
 use crate::config::{ClientCerts, TlsConfig};
 use crate::ingress::auth::{x509, PeerCertificate};
 
 struct Loaded {
     server: Arc<ServerConfig>,
+    secrets: Arc<SecretLog>,
     revoked: HashSet<String>,
     /// Certificate fingerprint -> the thing it is attached to.
     things: HashMap<String, String>,
@@ -166,8 +167,11 @@ fn load(cfg: &TlsConfig) -> anyhow::Result<Loaded> {
     // Resumption keeps a reconnect storm cheap: session tickets (stateless) and a small cache.
     server.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     server.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?;
-    // After the handshake the keys go to our record layer (tls_stream.rs).
+    // After the handshake the keys go to our record layer (tls_stream.rs), and the TLS 1.3
+    // traffic secrets that key updates derive from come through the key log.
     server.enable_secret_extraction = true;
+    let secrets = Arc::new(SecretLog::default());
+    server.key_log = Arc::clone(&secrets) as Arc<dyn rustls::KeyLog>;
     let revoked = match &cfg.revoked {
         Some(p) => read_revoked(p)?,
         None => HashSet::new(),
@@ -178,6 +182,7 @@ fn load(cfg: &TlsConfig) -> anyhow::Result<Loaded> {
     };
     Ok(Loaded {
         server: Arc::new(server),
+        secrets,
         revoked,
         things,
     })
@@ -208,6 +213,14 @@ impl Tls {
         }
     }
 
+    /// Traffic secrets logged and not yet taken by their handshake.
+    #[cfg(test)]
+    pub fn pending_secrets(&self) -> usize {
+        let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
+        let n = loaded.secrets.pending.lock().unwrap().len();
+        n
+    }
+
     /// The handshake, and the device certificate's identity if it sent one.
     pub async fn accept(
         &self,
@@ -216,7 +229,13 @@ impl Tls {
         let loaded = Arc::clone(&self.loaded.read().unwrap_or_else(|p| p.into_inner()));
         let mut conn = UnbufferedServerConnection::new(Arc::clone(&loaded.server))
             .map_err(|e| HandshakeError::Failed(tls_error(e)))?;
-        let mut hs = Handshake::default();
+        let mut hs = Handshake {
+            secrets: Taken {
+                log: Arc::clone(&loaded.secrets),
+                random: None,
+            },
+            ..Default::default()
+        };
         if let Err(e) = hs.run(&mut conn, &mut tcp).await {
             // The alert rustls queued, if any, so that the device learns why.
             let _ = hs.send_alert(&mut conn, &mut tcp).await;
@@ -240,10 +259,14 @@ impl Tls {
                 });
             }
         }
-        let (secrets, kernel) = conn
+        let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        let traffic = hs.secrets.take();
+        // rustls's kernel connection (its key schedule, the peer's certificates, QUIC state:
+        // ~1 KiB) is not kept: key updates derive from the traffic secrets.
+        let (secrets, _) = conn
             .dangerous_into_kernel_connection()
             .map_err(|e| HandshakeError::Failed(tls_error(e)))?;
-        let records = Records::new(secrets, kernel).map_err(HandshakeError::Failed)?;
+        let records = Records::new(secrets, tls13, traffic).map_err(HandshakeError::Failed)?;
         let stream = TlsStream::new(tcp, records, &hs.incoming[..hs.filled], &hs.early);
         Ok((stream, peer))
     }
@@ -281,10 +304,103 @@ fn encode(
     }
 }
 
+/// rustls's key log, kept for one thing: the TLS 1.3 application traffic secrets, from which a
+/// key update (RFC 8446 §4.6.3) derives the next keys. rustls gives its key schedule out only
+/// inside a `KernelConnection`, which also holds the peer's certificates and QUIC state (~1 KiB
+/// a connection, and 10 MiB of fragmented heap after a 10,000-device storm); the two secrets
+/// are 64 or 96 bytes. Each handshake takes its own (by its ClientHello's random) before it
+/// ends, or leaves nothing behind ([`Taken`]); a secret that is not the connection's own would
+/// not derive its keys, and is not used ([`Records::new`]).
+#[derive(Default)]
+pub struct SecretLog {
+    pending: std::sync::Mutex<HashMap<[u8; 32], Logged>>,
+}
+
+/// The client's and the server's traffic secrets of one handshake, as they are logged.
+type Logged = (Option<TrafficSecret>, Option<TrafficSecret>);
+
+impl std::fmt::Debug for SecretLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretLog")
+    }
+}
+
+const CLIENT_TRAFFIC: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_TRAFFIC: &str = "SERVER_TRAFFIC_SECRET_0";
+
+impl rustls::KeyLog for SecretLog {
+    fn will_log(&self, label: &str) -> bool {
+        label == CLIENT_TRAFFIC || label == SERVER_TRAFFIC
+    }
+
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        let (Ok(random), Some(secret)) = (client_random.try_into(), TrafficSecret::new(secret))
+        else {
+            return;
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = pending.entry(random).or_default();
+        match label {
+            CLIENT_TRAFFIC => slot.0 = Some(secret),
+            SERVER_TRAFFIC => slot.1 = Some(secret),
+            _ => {}
+        }
+    }
+}
+
+/// One handshake's entry in the [`SecretLog`], removed when taken or when the handshake ends.
+struct Taken {
+    log: Arc<SecretLog>,
+    random: Option<[u8; 32]>,
+}
+
+impl Default for Taken {
+    fn default() -> Self {
+        Self {
+            log: Arc::new(SecretLog::default()),
+            random: None,
+        }
+    }
+}
+
+impl Taken {
+    /// The client's and the server's traffic secrets, if both were logged.
+    fn take(&mut self) -> Option<(TrafficSecret, TrafficSecret)> {
+        let random = self.random.take()?;
+        let mut pending = self.log.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.remove(&random)? {
+            (Some(c), Some(s)) => Some((c, s)),
+            _ => None,
+        }
+    }
+
+    /// The ClientHello's random, from the first record (RFC 8446 §4.1.2): record header (5),
+    /// handshake type 1 and length (4), legacy version (2), then 32 bytes.
+    fn note_client_hello(&mut self, first: &[u8]) {
+        if self.random.is_none()
+            && first.len() >= 43
+            && first[0] == 22
+            && u16::from_be_bytes([first[3], first[4]]) >= 38
+            && first[5] == 1
+        {
+            self.random = first[11..43].try_into().ok();
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let _ = self.take();
+    }
+}
+
 /// A handshake's buffers: rustls's unbuffered API leaves them to the caller, so that what
 /// follows the handshake's last record stays here for [`TlsStream`].
 #[derive(Default)]
 struct Handshake {
+    secrets: Taken,
+    /// Whether the ClientHello's first bytes were looked at.
+    hello_seen: bool,
     incoming: Vec<u8>,
     filled: usize,
     outgoing: Vec<u8>,
@@ -366,6 +482,12 @@ impl Handshake {
                 }
                 Ok(n) => {
                     self.filled += n;
+                    if !self.hello_seen && self.filled >= 43 {
+                        // Before rustls has taken any of it.
+                        self.hello_seen = true;
+                        self.secrets
+                            .note_client_hello(&self.incoming[..self.filled]);
+                    }
                     return Ok(());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

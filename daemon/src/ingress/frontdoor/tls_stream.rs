@@ -18,10 +18,8 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use ring::aead;
-use rustls::kernel::KernelConnection;
-use rustls::server::ServerConnectionData;
-use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion};
+use ring::{aead, hkdf};
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use zeroize::Zeroizing;
@@ -61,6 +59,66 @@ struct Keys {
     iv: [u8; 12],
     seq: u64,
     expanded: Option<Box<aead::LessSafeKey>>,
+    /// TLS 1.3: the application traffic secret the key and IV come from, for key updates
+    /// (empty: none known, and a key update ends the connection).
+    traffic: TrafficSecret,
+}
+
+/// A TLS 1.3 application traffic secret: 32 bytes (SHA-256 suites) or 48 (SHA-384).
+pub struct TrafficSecret {
+    bytes: Zeroizing<[u8; 48]>,
+    len: u8,
+}
+
+impl Default for TrafficSecret {
+    fn default() -> Self {
+        Self {
+            bytes: Zeroizing::new([0; 48]),
+            len: 0,
+        }
+    }
+}
+
+impl TrafficSecret {
+    pub fn new(secret: &[u8]) -> Option<Self> {
+        if secret.len() != 32 && secret.len() != 48 {
+            return None;
+        }
+        let mut bytes = Zeroizing::new([0u8; 48]);
+        bytes[..secret.len()].copy_from_slice(secret);
+        Some(Self {
+            bytes,
+            len: secret.len() as u8,
+        })
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// HKDF-Expand-Label with an empty context (RFC 8446 §7.1), the hash the secret's length says.
+fn expand_label(secret: &[u8], label: &[u8], out: &mut [u8]) -> io::Result<()> {
+    let alg = match secret.len() {
+        32 => hkdf::HKDF_SHA256,
+        48 => hkdf::HKDF_SHA384,
+        _ => return Err(bad("no TLS 1.3 traffic secret for a key update")),
+    };
+    let prk = hkdf::Prk::new_less_safe(alg, secret);
+    let len = (out.len() as u16).to_be_bytes();
+    let label_len = [6 + label.len() as u8];
+    let info: [&[u8]; 5] = [&len, &label_len, b"tls13 ", label, &[0]];
+    prk.expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .map_err(|_| bad("HKDF-Expand-Label failed"))
 }
 
 impl Keys {
@@ -89,7 +147,50 @@ impl Keys {
             iv,
             seq,
             expanded: None,
+            traffic: TrafficSecret::default(),
         })
+    }
+
+    /// Keeps the traffic secret for key updates if it is the one this key and IV came from
+    /// (else the secret was not this connection's, and none is kept).
+    fn with_traffic(mut self, traffic: Option<TrafficSecret>) -> io::Result<Self> {
+        if let Some(t) = traffic {
+            let (key, iv) = Self::derive(self.alg, t.get())?;
+            let key_len = self.alg.key_len();
+            if key[..key_len] == self.secret[..key_len] && iv == self.iv {
+                self.traffic = t;
+            }
+        }
+        Ok(self)
+    }
+
+    /// The key and IV of a traffic secret (RFC 8446 §7.3).
+    fn derive(
+        alg: &'static aead::Algorithm,
+        traffic: &[u8],
+    ) -> io::Result<(Zeroizing<[u8; 32]>, [u8; 12])> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        let mut iv = [0u8; 12];
+        expand_label(traffic, b"key", &mut key[..alg.key_len()])?;
+        expand_label(traffic, b"iv", &mut iv)?;
+        Ok((key, iv))
+    }
+
+    /// A key update (RFC 8446 §4.6.3): the next traffic secret, its key and IV, sequence 0.
+    fn update(&mut self) -> io::Result<()> {
+        let mut next = TrafficSecret {
+            bytes: Zeroizing::new([0u8; 48]),
+            len: self.traffic.len,
+        };
+        let len = next.len as usize;
+        expand_label(self.traffic.get(), b"traffic upd", &mut next.bytes[..len])?;
+        let (key, iv) = Self::derive(self.alg, next.get())?;
+        self.secret = key;
+        self.iv = iv;
+        self.seq = 0;
+        self.expanded = None;
+        self.traffic = next;
+        Ok(())
     }
 
     /// The key as ring uses it, expanded if it was let go.
@@ -154,28 +255,31 @@ pub struct Records {
     /// Records the transmit key may protect before it is replaced (TLS 1.3) or the connection
     /// ends (TLS 1.2).
     tx_limit: u64,
-    /// rustls's key schedule, for key updates (TLS 1.3 only).
-    kernel: Option<Box<KernelConnection<ServerConnectionData>>>,
     /// The peer asked for a key update: ours goes out before our next record.
     owe_key_update: bool,
     empty_in_row: u8,
 }
 
 impl Records {
+    /// The record layer from rustls's keys; for TLS 1.3, with the traffic secrets
+    /// ([`TrafficSecret`]: the client's, then the server's) that key updates need.
     pub fn new(
         secrets: ExtractedSecrets,
-        kernel: KernelConnection<ServerConnectionData>,
+        tls13: bool,
+        traffic: Option<(TrafficSecret, TrafficSecret)>,
     ) -> io::Result<Self> {
-        let tls13 = kernel.protocol_version() == ProtocolVersion::TLSv1_3;
-        let tx = Keys::new(secrets.tx.0, secrets.tx.1)?;
-        let rx = Keys::new(secrets.rx.0, secrets.rx.1)?;
+        let (client, server) = match traffic.filter(|_| tls13) {
+            Some((c, s)) => (Some(c), Some(s)),
+            None => (None, None),
+        };
+        let tx = Keys::new(secrets.tx.0, secrets.tx.1)?.with_traffic(server)?;
+        let rx = Keys::new(secrets.rx.0, secrets.rx.1)?.with_traffic(client)?;
         let tx_limit = if tx.is_gcm() { AES_GCM_LIMIT } else { u64::MAX };
         Ok(Self {
             tls13,
             rx,
             tx,
             tx_limit,
-            kernel: tls13.then(|| Box::new(kernel)),
             owe_key_update: false,
             empty_in_row: 0,
         })
@@ -300,12 +404,7 @@ impl Records {
     }
 
     fn update_rx(&mut self) -> io::Result<()> {
-        let kernel = self.kernel.as_mut().ok_or_else(|| bad("no key schedule"))?;
-        let (seq, secrets) = kernel
-            .update_rx_secret()
-            .map_err(|e| bad(format!("TLS key update: {e}")))?;
-        self.rx = Keys::new(seq, secrets)?;
-        Ok(())
+        self.rx.update()
     }
 
     /// Appends `plain` to `out` as application-data records.
@@ -329,12 +428,11 @@ impl Records {
         if !self.tls13 {
             return Err(bad("TLS 1.2 key at its confidentiality limit"));
         }
+        if self.tx.traffic.len == 0 {
+            return Err(bad("no TLS 1.3 traffic secret for a key update"));
+        }
         self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
-        let kernel = self.kernel.as_mut().ok_or_else(|| bad("no key schedule"))?;
-        let (seq, secrets) = kernel
-            .update_tx_secret()
-            .map_err(|e| bad(format!("TLS key update: {e}")))?;
-        self.tx = Keys::new(seq, secrets)?;
+        self.tx.update()?;
         self.owe_key_update = false;
         Ok(())
     }
@@ -784,6 +882,12 @@ mod tests {
             let mut client = tokio::task::spawn_blocking(move || client.join().unwrap())
                 .await
                 .unwrap();
+            assert_eq!(
+                pki.tls.pending_secrets(),
+                0,
+                "the handshake took its secrets"
+            );
+            assert!(server.records.rx.traffic.len > 0 && server.records.tx.traffic.len > 0);
             // The device updates its keys and asks for ours (rustls does both).
             client.conn.refresh_traffic_keys().unwrap();
             client.write_all(b"after its update").unwrap();
@@ -807,6 +911,43 @@ mod tests {
             .unwrap();
             assert_eq!(got, (0..10u8).flat_map(|i| [i; 100]).collect::<Vec<_>>());
         }
+    }
+
+    #[tokio::test]
+    async fn a_handshake_that_never_ends_leaves_no_secret_behind() {
+        let pki = pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = client_config(&pki, SUITES[0]);
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let client = std::thread::spawn(move || {
+            let mut sock = std::net::TcpStream::connect(addr).unwrap();
+            let mut conn =
+                rustls::ClientConnection::new(config, ServerName::try_from("127.0.0.1").unwrap())
+                    .unwrap();
+            conn.write_tls(&mut sock).unwrap();
+            // The server's flight, then silence: no certificate, no Finished.
+            while conn.is_handshaking() && !conn.wants_write() {
+                conn.read_tls(&mut sock).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+            let _ = stop_rx.recv();
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut accept = Box::pin(pki.tls.accept(tcp));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pki.tls.pending_secrets() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no secrets logged");
+            tokio::select! {
+                _ = &mut accept => panic!("the handshake ended"),
+                _ = tokio::task::yield_now() => {}
+            }
+        }
+        // The device never finishes: the connect timeout drops the handshake.
+        drop(accept);
+        assert_eq!(pki.tls.pending_secrets(), 0);
+        stop_tx.send(()).unwrap();
+        client.join().unwrap();
     }
 
     #[tokio::test]
