@@ -374,17 +374,28 @@ impl Taken {
         }
     }
 
-    /// The ClientHello's random, from the first record (RFC 8446 §4.1.2): record header (5),
-    /// handshake type 1 and length (4), legacy version (2), then 32 bytes.
-    fn note_client_hello(&mut self, first: &[u8]) {
-        if self.random.is_none()
-            && first.len() >= 43
-            && first[0] == 22
-            && u16::from_be_bytes([first[3], first[4]]) >= 38
-            && first[5] == 1
-        {
+    /// Notes the ClientHello's random from the first record (RFC 8446 §4.1.2: record header
+    /// (5), handshake type 1 and length (4), legacy version (2), then 32 bytes), before rustls
+    /// takes any of it; true once done. A ClientHello split into records too short to hold its
+    /// random is refused: its handshake's secrets could be neither found nor removed.
+    fn note_client_hello(&mut self, first: &[u8]) -> std::io::Result<bool> {
+        if first.len() < 5 {
+            return Ok(false);
+        }
+        if first[0] == 22 && u16::from_be_bytes([first[3], first[4]]) < 38 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a ClientHello split into TLS records of under 38 bytes (not supported)",
+            ));
+        }
+        if first.len() < 43 {
+            return Ok(false);
+        }
+        if first[0] == 22 && first[5] == 1 {
+            // Anything else is not a ClientHello, and rustls refuses it.
             self.random = first[11..43].try_into().ok();
         }
+        Ok(true)
     }
 }
 
@@ -482,11 +493,9 @@ impl Handshake {
                 }
                 Ok(n) => {
                     self.filled += n;
-                    if !self.hello_seen && self.filled >= 43 {
-                        // Before rustls has taken any of it.
-                        self.hello_seen = true;
-                        self.secrets
-                            .note_client_hello(&self.incoming[..self.filled]);
+                    if !self.hello_seen {
+                        let first = &self.incoming[..self.filled];
+                        self.hello_seen = self.secrets.note_client_hello(first)?;
                     }
                     return Ok(());
                 }

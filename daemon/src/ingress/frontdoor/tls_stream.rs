@@ -951,6 +951,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_hello_in_records_too_short_for_its_random_is_refused() {
+        let pki = pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut sock = std::net::TcpStream::connect(addr).unwrap();
+            sock.write_all(&[22, 3, 1, 0, 10, 1, 0, 1, 0, 3, 3, 0, 0, 0, 0])
+                .unwrap();
+            sock
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let e = match pki.tls.accept(tcp).await {
+            Err(super::super::tls::HandshakeError::Failed(e)) => e,
+            _ => panic!("accepted"),
+        };
+        assert!(e.to_string().contains("under 38 bytes"), "{e}");
+        drop(client.join().unwrap());
+    }
+
+    #[tokio::test]
     async fn a_tls12_key_at_its_limit_ends_the_connection() {
         let pki = pki();
         let (mut server, _client) =
