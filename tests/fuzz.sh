@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(codec config templates block kpl auth rules)
+[ ${#targets[@]} -gt 0 ] || targets=(codec config templates block kpl auth rules tls)
 jobs=${JOBS:-1}
 profile=${FUZZ_PROFILE:-release}
 triple=$(rustc -vV | sed -n 's/^host: //p')

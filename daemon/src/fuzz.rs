@@ -15,6 +15,11 @@ use crate::ingress::frontdoor::filter_index::FilterIndex;
 use crate::sinks::kpl;
 use crate::templates::{json_field, keys, topic};
 
+/// The front door's TLS record layer: see `ingress::frontdoor::tls_stream::fuzz_records`.
+pub fn tls_records(data: &[u8]) {
+    let _ = crate::ingress::frontdoor::tls_stream::fuzz_records(data);
+}
+
 /// IoT rule SQL: the first line is a statement, the rest a payload. Whatever the input, parsing
 /// ends in a rule or an error with a position inside the statement, and applying a rule to any
 /// payload ends in an outcome whose selected output is JSON.

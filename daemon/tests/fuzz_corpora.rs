@@ -55,3 +55,8 @@ fn auth_corpus() {
 fn rules_corpus() {
     replay("rules", edgehose::fuzz::rules);
 }
+
+#[test]
+fn tls_corpus() {
+    replay("tls", edgehose::fuzz::tls_records);
+}

@@ -311,6 +311,14 @@ impl Records {
     /// Checks and decrypts one whole record (header included) in place.
     pub fn open(&mut self, record: &mut [u8]) -> io::Result<Opened> {
         let outer = record[0];
+        // TLS 1.2 and 1.3 records all say 3,3 (TLS 1.2's additional data is built from it, so
+        // another value would go unchecked there).
+        if record[1..3] != [3, 3] {
+            return Err(bad(format!(
+                "TLS record of version {}.{}",
+                record[1], record[2]
+            )));
+        }
         let (typ, range) = if self.tls13 {
             if outer != APPLICATION_DATA {
                 return Err(bad(format!("unprotected TLS record of type {outer}")));
@@ -477,6 +485,148 @@ impl Records {
             out.extend_from_slice(tag.as_ref());
         }
         self.tx.next()
+    }
+}
+
+/// Fuzzing (`crate::fuzz::tls_records`): a device and the gateway with mirrored keys; the input
+/// says what the device sends (records sealed with its key, so that they pass their tag and
+/// reach what is behind it; records with a byte flipped; raw bytes) and what the gateway sends
+/// back. Whatever the input: no panic; application data comes out as it went in, both ways; a
+/// flipped record is refused; key updates asked for either way keep both sides in step.
+pub fn fuzz_records(data: &[u8]) -> usize {
+    let Some((&config, mut data)) = data.split_first() else {
+        return 0;
+    };
+    let tls13 = config & 1 == 1;
+    let (alg, traffic_len): (&'static aead::Algorithm, usize) = match (config >> 1) % 3 {
+        0 => (&aead::AES_128_GCM, 32),
+        1 => (&aead::AES_256_GCM, 48),
+        _ => (&aead::CHACHA20_POLY1305, 32),
+    };
+    let keys = |seed: u8| {
+        let traffic = TrafficSecret::new(&[seed; 48][..traffic_len]).expect("32 or 48 bytes");
+        let (secret, iv) = Keys::derive(alg, traffic.get()).expect("derives");
+        Keys {
+            alg,
+            secret,
+            iv,
+            seq: 0,
+            expanded: None,
+            traffic: if tls13 {
+                traffic
+            } else {
+                TrafficSecret::default()
+            },
+        }
+    };
+    let records = |rx: Keys, tx: Keys| Records {
+        tls13,
+        tx_limit: if tx.is_gcm() { 64 } else { u64::MAX },
+        rx,
+        tx,
+        owe_key_update: false,
+        empty_in_row: 0,
+    };
+    let mut gateway = records(keys(1), keys(2));
+    let mut device = records(keys(2), keys(1));
+    let mut take = |n: usize| {
+        let (a, b) = data.split_at(n.min(data.len()));
+        data = b;
+        a
+    };
+    let mut done = 0;
+    loop {
+        let [op, len] = take(2) else { return done };
+        // Bit 4 of the op scales the length up, to records over 2^14 bytes.
+        let (op, len) = (*op, *len as usize * if op & 0x10 != 0 { 67 } else { 1 });
+        let body = take(len).to_vec();
+        let mut wire = Vec::new();
+        match op % 4 {
+            // The device sends a record of the input's type and content.
+            0 | 1 => {
+                let typ = body.first().copied().unwrap_or(APPLICATION_DATA);
+                let content = body.get(1..).unwrap_or(&[]);
+                device
+                    .seal_record(typ, content, &mut wire)
+                    .expect("sealing");
+                let key_update = tls13 && typ == HANDSHAKE && content.first() == Some(&KEY_UPDATE);
+                let flip = op % 4 == 1 && !wire.is_empty();
+                if flip {
+                    let at = (len * 31 + 7) % wire.len();
+                    wire[at] ^= 1 << (op >> 5);
+                }
+                let len = match gateway.record_len(&wire) {
+                    Ok(Some(n)) if n <= wire.len() => n,
+                    _ => return done,
+                };
+                let opened = gateway.open(&mut wire[..len]);
+                if flip {
+                    assert!(opened.is_err(), "a flipped record was accepted");
+                    return done;
+                }
+                // (TLS 1.3: an inner type 0 is padding, so the type is the content's last
+                // nonzero byte: no real peer sends it.)
+                match opened {
+                    Ok(Opened::Data(r)) if typ != 0 || !tls13 => {
+                        assert_eq!(typ, APPLICATION_DATA);
+                        assert_eq!(&wire[r], content, "data changed on its way in");
+                    }
+                    Ok(_) if typ == APPLICATION_DATA && !content.is_empty() => {
+                        panic!("data lost on its way in")
+                    }
+                    Ok(_) => {}
+                    Err(_) => return done,
+                }
+                if key_update {
+                    // The device, having sent its KeyUpdate, seals with its next key.
+                    let asked = content.get(4) == Some(&1);
+                    device.tx.update().expect("update");
+                    if asked {
+                        assert!(gateway.owe_key_update);
+                    }
+                }
+            }
+            // Bytes as they come: refused, or a record whose tag cannot verify.
+            2 => {
+                wire = body;
+                if let Ok(Some(n)) = gateway.record_len(&wire) {
+                    if n <= wire.len() && n > HEADER {
+                        assert!(
+                            gateway.open(&mut wire[..n]).is_err(),
+                            "forged record accepted"
+                        );
+                    }
+                }
+                return done;
+            }
+            // The gateway sends data back; the device reads it all (following our key updates).
+            _ => {
+                if gateway.seal(&body, &mut wire).is_err() {
+                    assert!(!tls13, "a TLS 1.3 key update failed");
+                    return done;
+                }
+                let mut got = Vec::new();
+                let mut at = 0;
+                while at < wire.len() {
+                    let n = device
+                        .record_len(&wire[at..])
+                        .expect("length")
+                        .expect("whole");
+                    let record = &mut wire[at..at + n];
+                    match device
+                        .open(record)
+                        .expect("the device opens what we sealed")
+                    {
+                        Opened::Data(r) => got.extend_from_slice(&record[r]),
+                        Opened::Nothing => {}
+                        Opened::Closed => panic!("close_notify from seal"),
+                    }
+                    at += n;
+                }
+                assert_eq!(got, body, "data changed on its way out");
+            }
+        }
+        done += 1;
     }
 }
 
@@ -968,6 +1118,15 @@ mod tests {
         };
         assert!(e.to_string().contains("under 38 bytes"), "{e}");
         drop(client.join().unwrap());
+    }
+
+    #[test]
+    fn the_fuzz_seeds_reach_what_they_aim_at() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/tls");
+        for (seed, steps) in [(0, 3), (1, 6), (2, 3), (3, 6), (4, 3), (5, 6)] {
+            let data = std::fs::read(format!("{dir}/seed-{seed}")).unwrap();
+            assert_eq!(fuzz_records(&data), steps, "seed-{seed}");
+        }
     }
 
     #[tokio::test]
