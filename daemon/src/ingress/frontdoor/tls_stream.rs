@@ -384,27 +384,20 @@ impl Records {
                 [_, d] => Err(bad(format!("the peer sent TLS alert {d}"))),
                 _ => Err(bad("malformed TLS alert")),
             },
-            HANDSHAKE if self.tls13 => {
-                let mut msgs = &record[range];
-                while !msgs.is_empty() {
-                    // Whole messages only: the one a device may send now is 5 bytes long.
-                    match msgs {
-                        [KEY_UPDATE, 0, 0, 1, ask @ (0 | 1), rest @ ..] => {
-                            let ask = *ask == 1;
-                            msgs = rest;
-                            self.update_rx()?;
-                            self.owe_key_update |= ask;
-                        }
-                        [t, ..] => {
-                            return Err(bad(format!(
-                                "TLS handshake message {t} after the handshake"
-                            )))
-                        }
-                        [] => unreachable!(),
-                    }
+            // The one handshake message a device may send now: a KeyUpdate, whole and alone at
+            // the end of its record (RFC 8446 §5.1: what follows it is under the next key).
+            HANDSHAKE if self.tls13 => match record[range] {
+                [KEY_UPDATE, 0, 0, 1, ask @ (0 | 1)] => {
+                    self.update_rx()?;
+                    self.owe_key_update |= ask == 1;
+                    Ok(Opened::Nothing)
                 }
-                Ok(Opened::Nothing)
-            }
+                [KEY_UPDATE, ..] => Err(bad("a TLS KeyUpdate not alone in its record")),
+                [t, ..] => Err(bad(format!(
+                    "TLS handshake message {t} after the handshake"
+                ))),
+                [] => Err(bad("an empty TLS handshake record")),
+            },
             HANDSHAKE => Err(bad("TLS renegotiation is not supported")),
             CHANGE_CIPHER_SPEC => Err(bad("TLS change_cipher_spec after the handshake")),
             t => Err(bad(format!("TLS record of unknown type {t}"))),
@@ -1118,6 +1111,15 @@ mod tests {
         };
         assert!(e.to_string().contains("under 38 bytes"), "{e}");
         drop(client.join().unwrap());
+    }
+
+    #[test]
+    fn a_key_update_must_end_its_record() {
+        // TLS 1.3, AES-128-GCM: the device sends a record holding one KeyUpdate, then two.
+        let one = [1u8, 0, 6, 22, 24, 0, 0, 1, 0];
+        assert_eq!(fuzz_records(&one), 1);
+        let two = [1u8, 0, 11, 22, 24, 0, 0, 1, 0, 24, 0, 0, 1, 0];
+        assert_eq!(fuzz_records(&two), 0);
     }
 
     #[test]
