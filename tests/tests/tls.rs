@@ -209,6 +209,21 @@ impl Site {
         run(&mut cmd)
     }
 
+    /// mosquitto_sub over TLS as `device` (its certificate under devices/, and its id as client
+    /// id); the caller adds the topic and the rest.
+    fn subscriber(&self, version: &str, device: &str) -> Command {
+        let mut cmd = Command::new("mosquitto_sub");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.tls_port.to_string()])
+            .args(["-V", version, "-i", device])
+            .arg("--cafile")
+            .arg(self.pki.join("ca.crt"))
+            .arg("--cert")
+            .arg(self.pki.join(format!("devices/{device}.crt")))
+            .arg("--key")
+            .arg(self.pki.join(format!("devices/{device}.key")));
+        cmd
+    }
+
     fn committed(&self) -> f64 {
         self.gw.metric("edgehose_records_committed_total")
     }
@@ -395,23 +410,8 @@ fn a_device_stays_under_its_own_topics() {
 
     // Subscribing to `#` is refused (MQTT 5: 0x87; 3.1.1: 0x80); its own filter is granted.
     for v in ["mqttv5", "mqttv311"] {
-        let o = run(Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &site.tls_port.to_string(),
-                "-V",
-                v,
-                "-i",
-                "dev-a",
-            ])
-            .arg("--cafile")
-            .arg(site.pki.join("ca.crt"))
-            .arg("--cert")
-            .arg(site.pki.join("devices/dev-a.crt"))
-            .arg("--key")
-            .arg(site.pki.join("devices/dev-a.key"))
+        let o = run(site
+            .subscriber(v, "dev-a")
             .args(["-t", "#", "-E", "-W", "10"]));
         assert!(
             text(&o).contains("All subscription requests were denied"),
@@ -499,23 +499,8 @@ fn a_certificate_reloaded_on_sighup_serves_the_next_handshake_and_open_connectio
         file_fingerprint_pem(&std::fs::read_to_string(site.pki.join("server.crt")).unwrap())
     );
     // dev-a subscribes to its own topics and stays connected.
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &site.tls_port.to_string(),
-            "-V",
-            "mqttv5",
-            "-i",
-            "dev-a",
-        ])
-        .arg("--cafile")
-        .arg(site.pki.join("ca.crt"))
-        .arg("--cert")
-        .arg(site.pki.join("devices/dev-a.crt"))
-        .arg("--key")
-        .arg(site.pki.join("devices/dev-a.key"))
+    let sub = site
+        .subscriber("mqttv5", "dev-a")
         .args(["-t", "sensors/dev-a/#", "-q", "1", "-C", "1", "-W", "60"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -581,16 +566,10 @@ fn openssl_clients_with_each_tls_version_and_cipher_publish_and_receive() {
         let o = site.publish("mqttv5", Some("dev-a"), "dev-a", topic, &args);
         assert!(o.status.success(), "{version} {ciphers:?}: {}", text(&o));
         assert_eq!(site.committed(), (i + 1) as f64, "{version} {ciphers:?}");
-        let o = run(Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &site.tls_port.to_string()])
-            .args(["-V", "mqttv5", "-i", "dev-a", "--tls-version", version])
+        let o = run(site
+            .subscriber("mqttv5", "dev-a")
+            .args(["--tls-version", version])
             .args(ciphers)
-            .arg("--cafile")
-            .arg(site.pki.join("ca.crt"))
-            .arg("--cert")
-            .arg(site.pki.join("devices/dev-a.crt"))
-            .arg("--key")
-            .arg(site.pki.join("devices/dev-a.key"))
             .args(["-t", topic, "-C", "1", "-W", "10"]));
         assert!(
             o.status.success() && text(&o).contains("\"seq\":1"),

@@ -229,13 +229,7 @@ impl Tls {
         let loaded = Arc::clone(&self.loaded.read().unwrap_or_else(|p| p.into_inner()));
         let mut conn = UnbufferedServerConnection::new(Arc::clone(&loaded.server))
             .map_err(|e| HandshakeError::Failed(tls_error(e)))?;
-        let mut hs = Handshake {
-            secrets: Taken {
-                log: Arc::clone(&loaded.secrets),
-                random: None,
-            },
-            ..Default::default()
-        };
+        let mut hs = Handshake::new(Arc::clone(&loaded.secrets));
         if let Err(e) = hs.run(&mut conn, &mut tcp).await {
             // The alert rustls queued, if any, so that the device learns why.
             let _ = hs.send_alert(&mut conn, &mut tcp).await;
@@ -354,15 +348,6 @@ struct Taken {
     random: Option<[u8; 32]>,
 }
 
-impl Default for Taken {
-    fn default() -> Self {
-        Self {
-            log: Arc::new(SecretLog::default()),
-            random: None,
-        }
-    }
-}
-
 impl Taken {
     /// The client's and the server's traffic secrets, if both were logged.
     fn take(&mut self) -> Option<(TrafficSecret, TrafficSecret)> {
@@ -407,7 +392,6 @@ impl Drop for Taken {
 
 /// A handshake's buffers: rustls's unbuffered API leaves them to the caller, so that what
 /// follows the handshake's last record stays here for [`TlsStream`].
-#[derive(Default)]
 struct Handshake {
     secrets: Taken,
     /// Whether the ClientHello's first bytes were looked at.
@@ -420,6 +404,17 @@ struct Handshake {
 }
 
 impl Handshake {
+    fn new(log: Arc<SecretLog>) -> Self {
+        Self {
+            secrets: Taken { log, random: None },
+            hello_seen: false,
+            incoming: Vec::new(),
+            filled: 0,
+            outgoing: Vec::new(),
+            early: Vec::new(),
+        }
+    }
+
     async fn run(
         &mut self,
         conn: &mut UnbufferedServerConnection,

@@ -388,7 +388,7 @@ impl Records {
             // the end of its record (RFC 8446 §5.1: what follows it is under the next key).
             HANDSHAKE if self.tls13 => match record[range] {
                 [KEY_UPDATE, 0, 0, 1, ask @ (0 | 1)] => {
-                    self.update_rx()?;
+                    self.rx.update()?;
                     self.owe_key_update |= ask == 1;
                     Ok(Opened::Nothing)
                 }
@@ -402,10 +402,6 @@ impl Records {
             CHANGE_CIPHER_SPEC => Err(bad("TLS change_cipher_spec after the handshake")),
             t => Err(bad(format!("TLS record of unknown type {t}"))),
         }
-    }
-
-    fn update_rx(&mut self) -> io::Result<()> {
-        self.rx.update()
     }
 
     /// Appends `plain` to `out` as application-data records.
@@ -671,10 +667,14 @@ impl TlsStream {
     }
 
     /// Whether a read would return without the socket: plaintext or a whole record is here.
+    /// (A record too long counts: the read reports it.)
     fn has_input(&self) -> bool {
         !self.plain.is_empty()
-            || matches!(self.records.record_len(&self.input), Ok(Some(n)) if n <= self.input.len())
-            || self.records.record_len(&self.input).is_err()
+            || match self.records.record_len(&self.input) {
+                Ok(Some(n)) => n <= self.input.len(),
+                Ok(None) => false,
+                Err(_) => true,
+            }
     }
 
     /// Ready once a read would not wait.
