@@ -42,12 +42,30 @@ pub fn relay_summary(received: u64, first: u128, last: u128) -> String {
     format!("{{\"received\":{received},\"first_ms\":{first},\"last_ms\":{last}}}")
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, never the same one twice in a test process.
+///
+/// Ports come from below the kernel's ephemeral range (32768-60999 by default), walked from an
+/// offset set by the process id: asking the kernel for port 0 twice can return the same port
+/// (a gateway once got its MQTT and admin listeners on one port), and an ephemeral port can be
+/// taken by any outgoing connection between the pick and the bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// Waits until `f` returns true, or fails after `timeout`.
