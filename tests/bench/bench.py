@@ -58,12 +58,25 @@ EDGEHOSE = os.environ.get("BENCH_EDGEHOSE") or os.path.join(BIN, "edgehose")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+_next_port = [10_000 + (os.getpid() * 7919) % 22_000]
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A loopback port that was free a moment ago, never the same one twice in this process:
+    below the kernel's ephemeral range (32768-60999 by default), since asking for port 0 twice
+    can return the same port, and an ephemeral one can be taken by any outgoing connection."""
+    for _ in range(22_000):
+        port = 10_000 + _next_port[0] % 22_000
+        _next_port[0] += 1
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free loopback port in 10000..32000")
 
 
 def commit_overrides():
