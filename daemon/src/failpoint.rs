@@ -5,7 +5,8 @@
 //!
 //! Points: `delivery.after-intent` (a batch's intent is committed, nothing put yet),
 //! `delivery.after-first-put` (the first object of a batch is in the bucket, the others not),
-//! `buffer.commit` (`fail`: the commit fails, as on a full or failing disk).
+//! `buffer.commit` (`fail`: the commit fails, as on a full or failing disk),
+//! `window.between-pieces` (a closed window's first rows are committed, the rest not).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

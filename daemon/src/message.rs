@@ -105,4 +105,29 @@ pub struct WindowCommit {
     pub slot: usize,
     pub position: i64,
     pub emitted_through_ms: i64,
+    /// How far into the window being emitted this commit got; `None` once it is whole.
+    pub emitting: Option<Emitting>,
+}
+
+/// A closed window emitted in pieces (a bounded number of rows per transaction, so that closing
+/// the windows of a large fleet holds neither its rows nor the writer at once). After a crash
+/// the stage rebuilds the window from the same input rows (ids up to `upto_id`), whose groups
+/// come in the same first-seen order, and carries on after `groups_done`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Emitting {
+    /// The window's start.
+    pub start_ms: i64,
+    /// The last input row id read when it closed: later rows of the window are late.
+    pub upto_id: i64,
+    /// Its groups emitted so far, in first-seen order.
+    pub groups_done: u64,
+}
+
+impl Emitting {
+    /// Whether an input row (its window's start, its id) comes too late for this emission: a
+    /// row of this window committed after it closed, or of an earlier one (every window before
+    /// this one was emitted before it closed).
+    pub fn is_past(&self, window_start_ms: i64, id: i64) -> bool {
+        window_start_ms < self.start_ms || (window_start_ms == self.start_ms && id > self.upto_id)
+    }
 }

@@ -322,6 +322,126 @@ destinations = ["raw"]
     assert!(gw.terminate().unwrap().success());
 }
 
+/// A closed window of thousands of groups is emitted in pieces (a bounded number of rows per
+/// transaction); the gateway aborts between two pieces (a failpoint, as a kill -9 there) and,
+/// restarted, carries on: every group is emitted exactly once, with the window its reading's
+/// arrival puts it in.
+#[test]
+fn a_window_killed_between_its_pieces_emits_every_group_once() {
+    const DEVICES: u64 = 5;
+    const PER_DEVICE: u64 = 600;
+    const WINDOW_MS: i64 = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = Setup {
+        extra: format!(
+            r#"
+[streams.per_reading]
+sql = "SELECT topic(2) AS device, seq, count(*) AS n, window_start() AS start FROM 'sensors/+/telemetry' GROUP BY topic(2), seq, STEP(ROWTIME BY INTERVAL '10' SECOND)"
+allowed_lateness = "10s"
+destinations = ["agg"]
+
+[streams.raw]
+sql = "SELECT topic(2) AS device, seq, timestamp() AS arrival FROM 'sensors/+/telemetry'"
+destinations = ["raw"]
+
+[destinations.agg]
+{agg}
+[destinations.raw]
+{raw}
+"#,
+            agg = file(dir.path(), "windows"),
+            raw = file(dir.path(), "raw"),
+        ),
+        ..Setup::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &setup).unwrap();
+    // Every reading in and acknowledged well before the windows close (their lateness).
+    let s = run_sim(
+        gw.mqtt_port,
+        &[
+            "-n",
+            &DEVICES.to_string(),
+            "-m",
+            &PER_DEVICE.to_string(),
+            "--rate",
+            "0",
+        ],
+    )
+    .unwrap();
+    assert_eq!(s["acknowledged"], DEVICES * PER_DEVICE, "{s}");
+    assert_eq!(
+        gw.metric("edgehose_windows_emitted_total{stream=\"per_reading\"}"),
+        0.0,
+        "a window closed before the restart: the load took longer than the lateness"
+    );
+    assert!(gw.terminate().unwrap().success());
+
+    // Restarted with the failpoint: the window holding most readings (over 1,000 groups, so
+    // more than one piece) gets its first piece committed, then the process aborts.
+    setup.env = vec![("EDGEHOSE_FAILPOINT", "window.between-pieces".into())];
+    gw.env = setup.env.clone();
+    gw.spawn().unwrap();
+    let status = gw.terminate_wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        gw.log().contains("failpoint window.between-pieces"),
+        "{}",
+        gw.log()
+    );
+
+    gw.env.clear();
+    gw.spawn().unwrap();
+    let total = (DEVICES * PER_DEVICE) as usize;
+    wait_until(
+        Duration::from_secs(60),
+        "every reading in an emitted window",
+        || {
+            records(dir.path(), "raw").len() >= total
+                && records(dir.path(), "windows").len() >= total
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: raw {}, windows {}\n{}",
+            records(dir.path(), "raw").len(),
+            records(dir.path(), "windows").len(),
+            gw.log()
+        )
+    });
+    let arrival: std::collections::BTreeMap<(String, u64), i64> = records(dir.path(), "raw")
+        .iter()
+        .map(|r| {
+            let key = (
+                r["device"].as_str().unwrap().to_string(),
+                r["seq"].as_u64().unwrap(),
+            );
+            (key, r["arrival"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(arrival.len(), total, "a reading stored twice");
+    let windows = records(dir.path(), "windows");
+    assert_eq!(windows.len(), total, "a group emitted twice");
+    let mut seen = std::collections::BTreeSet::new();
+    for w in &windows {
+        let key = (
+            w["device"].as_str().unwrap().to_string(),
+            w["seq"].as_u64().unwrap(),
+        );
+        assert_eq!(w["n"], 1, "{w}");
+        assert_eq!(
+            w["start"].as_i64().unwrap(),
+            arrival[&key].div_euclid(WINDOW_MS) * WINDOW_MS,
+            "{w}"
+        );
+        assert!(seen.insert(key), "emitted twice: {w}");
+    }
+    assert_eq!(
+        gw.metric("edgehose_window_late_records_total{stream=\"per_reading\"}"),
+        0.0
+    );
+    assert!(gw.terminate().unwrap().success());
+}
+
 /// A full buffer under `drop_oldest` removes the oldest input rows of an open window while the
 /// gateway is down; the window, rebuilt after the restart from what is left, says so.
 #[test]

@@ -62,6 +62,8 @@ pub struct WindowState {
     pub position: i64,
     /// The end of the last window emitted.
     pub emitted_through_ms: i64,
+    /// The window it was part way through emitting.
+    pub emitting: Option<crate::message::Emitting>,
 }
 
 /// The position a window stage keeps in the buffer, beside the destinations'.
@@ -116,12 +118,14 @@ pub fn open(config: &Config) -> Result<Buffer, BufferError> {
         // A changed rule keeps the position: rows of the old rule that no longer parse are
         // skipped and counted.
         let state = store::destination_state(&conn, name, "window")?;
+        let (emitted_through_ms, emitting) = store::window_progress(&conn, name)?;
         windows.push(WindowState {
             stream,
             slot: slots.len(),
             name: name.clone(),
             position: state.delivered_id,
-            emitted_through_ms: store::window_emitted(&conn, name)?,
+            emitted_through_ms,
+            emitting,
         });
         slots.push(DestinationSlot {
             name: name.clone(),

@@ -19,6 +19,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use super::block::{Block, BlockReader};
 
 use crate::config::Synchronous;
+use crate::message::Emitting;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS segments (
@@ -42,7 +43,10 @@ CREATE TABLE IF NOT EXISTS destinations (
 );
 CREATE TABLE IF NOT EXISTS windows (
     name               TEXT PRIMARY KEY,
-    emitted_through_ms INTEGER NOT NULL
+    emitted_through_ms INTEGER NOT NULL,
+    emitting_start_ms  INTEGER,
+    emitting_upto_id   INTEGER,
+    emitting_done      INTEGER
 );
 ";
 
@@ -73,6 +77,14 @@ pub fn open_writer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connectio
     // Files from before blocks: their segments hold rows (format 0, the column's default).
     if !has_column(&conn, "segments", "format")? {
         conn.execute_batch("ALTER TABLE segments ADD COLUMN format INTEGER NOT NULL DEFAULT 0")?;
+    }
+    // Files from before windows were emitted in pieces: none is being emitted.
+    if !has_column(&conn, "windows", "emitting_start_ms")? {
+        conn.execute_batch(
+            "ALTER TABLE windows ADD COLUMN emitting_start_ms INTEGER;
+             ALTER TABLE windows ADD COLUMN emitting_upto_id INTEGER;
+             ALTER TABLE windows ADD COLUMN emitting_done INTEGER;",
+        )?;
     }
     Ok(conn)
 }
@@ -209,23 +221,50 @@ pub fn forget_destinations_except(conn: &Connection, keep: &[String]) -> rusqlit
     Ok(n)
 }
 
-/// The end of the last window a window stage emitted (0: none yet).
-pub fn window_emitted(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
+/// A window stage's progress: the end of the last window it emitted (0: none yet), and the
+/// window it is part way through emitting, if any.
+pub fn window_progress(conn: &Connection, name: &str) -> rusqlite::Result<(i64, Option<Emitting>)> {
     Ok(conn
         .query_row(
-            "SELECT emitted_through_ms FROM windows WHERE name = ?1",
+            "SELECT emitted_through_ms, emitting_start_ms, emitting_upto_id, emitting_done
+             FROM windows WHERE name = ?1",
             params![name],
-            |r| r.get(0),
+            |r| {
+                let emitting = match (r.get(1)?, r.get(2)?, r.get::<_, Option<i64>>(3)?) {
+                    (Some(start_ms), Some(upto_id), Some(done)) => Some(Emitting {
+                        start_ms,
+                        upto_id,
+                        groups_done: done.max(0) as u64,
+                    }),
+                    _ => None,
+                };
+                Ok((r.get(0)?, emitting))
+            },
         )
         .optional()?
-        .unwrap_or(0))
+        .unwrap_or((0, None)))
 }
 
-pub fn set_window_emitted(conn: &Connection, name: &str, through_ms: i64) -> rusqlite::Result<()> {
+pub fn set_window_progress(
+    conn: &Connection,
+    name: &str,
+    through_ms: i64,
+    emitting: Option<Emitting>,
+) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT INTO windows(name, emitted_through_ms) VALUES (?1, ?2)
-         ON CONFLICT(name) DO UPDATE SET emitted_through_ms = excluded.emitted_through_ms",
-        params![name, through_ms],
+        "INSERT INTO windows(name, emitted_through_ms, emitting_start_ms, emitting_upto_id, emitting_done)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(name) DO UPDATE SET emitted_through_ms = excluded.emitted_through_ms,
+             emitting_start_ms = excluded.emitting_start_ms,
+             emitting_upto_id = excluded.emitting_upto_id,
+             emitting_done = excluded.emitting_done",
+        params![
+            name,
+            through_ms,
+            emitting.map(|e| e.start_ms),
+            emitting.map(|e| e.upto_id),
+            emitting.map(|e| e.groups_done as i64),
+        ],
     )?;
     Ok(())
 }

@@ -566,7 +566,7 @@ impl Writer {
             // The window stage's progress, in the transaction of the rows it emitted.
             let name = &self.destinations[w.slot].name;
             store::set_delivered(&self.conn, name, w.position)?;
-            store::set_window_emitted(&self.conn, name, w.emitted_through_ms)?;
+            store::set_window_progress(&self.conn, name, w.emitted_through_ms, w.emitting)?;
             g.window_moves.push((w.slot, w.position));
         }
         g.pending.push(Pending {

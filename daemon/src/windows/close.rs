@@ -1,6 +1,9 @@
 //! A closed window's rows: one per group, made by the rule from the group's key values and
-//! accumulators, stamped with the window's end, their payloads end to end in one buffer that
-//! all the records share (rather than 10,000 vectors each with room to spare).
+//! accumulators, stamped with the window's end, a piece of the window's groups at a time, their
+//! payloads end to end in one buffer that the piece's records share (rather than a vector each
+//! with room to spare).
+
+use std::ops::Range;
 
 use bytes::Bytes;
 use tracing::warn;
@@ -24,46 +27,46 @@ pub struct Closing<'a> {
 }
 
 impl Closing<'_> {
-    /// The rows of `windows` (start, groups), in window then group order; the payload buffer
-    /// starts `payload_bytes` big (the last emission's size).
-    pub fn rows<'g>(
+    /// The rows of `groups` (a range of the window's group numbers, in first-seen order) of the
+    /// window starting at `start`; the payload buffer starts `payload_bytes` big (the last
+    /// piece's size).
+    pub fn rows(
         &self,
-        windows: impl Iterator<Item = (i64, &'g Groups)> + Clone,
+        start: i64,
+        window: &Groups,
+        groups: Range<usize>,
         payload_bytes: usize,
     ) -> Vec<NewRecord> {
-        let rows = windows.clone().map(|(_, g)| g.len()).sum();
-        let mut records = Vec::with_capacity(rows);
+        let mut records = Vec::with_capacity(groups.len());
         let mut payloads = Vec::with_capacity(payload_bytes);
-        let mut ends = Vec::with_capacity(rows);
-        for (start, groups) in windows {
-            let dropped = start < self.incomplete_before;
-            for (key, partition_key, accs) in groups.iter() {
-                if dropped {
-                    self.incomplete.increment(1);
+        let mut ends = Vec::with_capacity(groups.len());
+        let dropped = start < self.incomplete_before;
+        for (key, partition_key, accs) in window.range(groups) {
+            if dropped {
+                self.incomplete.increment(1);
+            }
+            // The key's values, from the JSON they were grouped by.
+            let keys = match Value::parse(key) {
+                Ok(Value::Array(keys)) => keys,
+                _ => {
+                    warn!(stream = %self.label, window_start_ms = start, "a group's key could not be read back");
+                    continue;
                 }
-                // The key's values, from the JSON they were grouped by.
-                let keys = match Value::parse(key) {
-                    Ok(Value::Array(keys)) => keys,
-                    _ => {
-                        warn!(stream = %self.label, window_start_ms = start, "a group's key could not be read back");
-                        continue;
-                    }
-                };
-                match self.rule.close(&keys, accs, start, dropped) {
-                    Applied::Selected(Some(payload)) => {
-                        payloads.extend_from_slice(&payload);
-                        ends.push(payloads.len());
-                        records.push(NewRecord {
-                            stream: self.stream,
-                            arrival_ms: start + self.window_ms,
-                            partition_key: partition_key.to_string(),
-                            payload: Bytes::new(),
-                        });
-                    }
-                    Applied::Selected(None) | Applied::Dropped => {}
-                    Applied::Failed(e) => {
-                        warn!(stream = %self.label, window_start_ms = start, error = %e, "a closed window's row could not be made");
-                    }
+            };
+            match self.rule.close(&keys, accs, start, dropped) {
+                Applied::Selected(Some(payload)) => {
+                    payloads.extend_from_slice(&payload);
+                    ends.push(payloads.len());
+                    records.push(NewRecord {
+                        stream: self.stream,
+                        arrival_ms: start + self.window_ms,
+                        partition_key: partition_key.to_string(),
+                        payload: Bytes::new(),
+                    });
+                }
+                Applied::Selected(None) | Applied::Dropped => {}
+                Applied::Failed(e) => {
+                    warn!(stream = %self.label, window_start_ms = start, error = %e, "a closed window's row could not be made");
                 }
             }
         }

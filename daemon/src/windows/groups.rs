@@ -117,9 +117,9 @@ impl Groups {
         &mut self.accs[g * self.per_group..(g + 1) * self.per_group]
     }
 
-    /// The groups in first-seen order: key, partition key, accumulators.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &str, &[Acc])> {
-        (0..self.len()).map(move |g| {
+    /// The groups numbered `groups` (in first-seen order): key, partition key, accumulators.
+    pub fn range(&self, groups: Range<usize>) -> impl Iterator<Item = (&[u8], &str, &[Acc])> {
+        groups.map(move |g| {
             (
                 &self.keys[span(&self.key_ends, g)],
                 &self.partition_keys[span(&self.partition_key_ends, g)],
@@ -152,7 +152,7 @@ mod tests {
             groups.get_or_add(key.as_bytes(), "", count)[0].add(&Value::Int(1));
         }
         assert_eq!(groups.len(), 1002);
-        let all: Vec<_> = groups.iter().collect();
+        let all: Vec<_> = groups.range(0..groups.len()).collect();
         assert_eq!(all[0].0, b"[\"b\"]");
         // A group keeps its first row's partition key.
         assert_eq!(all[0].1, "pb");

@@ -5,10 +5,15 @@
 //!
 //! Crash safety comes from the buffer, not from this task's memory: the input rows are records
 //! the buffer holds until the stage's position passes them, and the stage commits a closed
-//! window's rows *in the same transaction* as its new position and the end of the last window
-//! it emitted ([`WindowCommit`]). After a kill -9 it starts again from that position, rebuilds
-//! the open windows from the rows after it, and skips rows of windows already emitted: every
-//! window is emitted exactly once, with the values it would have had without the crash.
+//! window's rows *in the same transaction* as its progress ([`WindowCommit`]). A window goes
+//! out [`EMIT_PIECE`] groups per transaction, each recording how far into the window it got
+//! ([`Emitting`]: the window, the last input row it holds, the groups done); the last piece
+//! moves the position and the end of the last window emitted. After a kill -9 the stage starts
+//! again from that position, rebuilds the open windows from the rows after it (the window part
+//! way through from its rows up to the one it closed at, whose groups come in the same
+//! first-seen order), carries on after the groups already emitted, and skips rows of windows
+//! already emitted: every window is emitted exactly once, with the values it would have had
+//! without the crash.
 //!
 //! A window closes when the wall clock passes its end plus `allowed_lateness` (or, should the
 //! wall clock have been stepped back, when its length plus the lateness has passed on the
@@ -32,12 +37,17 @@ use tracing::{error, info, warn};
 
 use crate::buffer::{store, Committed, WindowState};
 use crate::clock::now_ms;
-use crate::message::{Ack, Envelope, Outcome, WindowCommit};
+use crate::message::{Ack, Emitting, Envelope, Outcome, WindowCommit};
 use crate::metrics as m;
 use crate::rules::Rule;
 use crate::shutdown::Shutdown;
 use close::Closing;
 use groups::{Groups, Sizes};
+
+/// A closed window is emitted this many groups (rows) per transaction: closing the windows of a
+/// fleet of any size holds one piece's rows at a time, and keeps the writer for no longer than
+/// one piece, between which ingest commits.
+pub const EMIT_PIECE: usize = 1_000;
 
 /// Rows read from the buffer at a time (a few blocks' worth: the rows of a chunk are held
 /// together, one allocation each for payload and partition key).
@@ -142,12 +152,14 @@ impl WindowStage {
         let mut payload_bytes = 0;
         let mut position = state.position;
         let mut emitted_through = state.emitted_through_ms;
+        // The closed window part way through its emission, if any (one at a time, oldest first).
+        let mut emitting = state.emitting;
         let mut read_upto = position;
         // Windows starting before this may lack rows `drop_oldest` removed.
         let mut incomplete_before = i64::MIN;
         let mut conn: Option<Connection> = None;
         let mut backoff = Duration::from_millis(100);
-        info!(stream = %label, position, emitted_through_ms = emitted_through, "window stage starting");
+        info!(stream = %label, position, emitted_through_ms = emitted_through, emitting = ?emitting, "window stage starting");
         loop {
             if shutdown.is_begun() {
                 break;
@@ -214,7 +226,9 @@ impl WindowStage {
                 for row in rows.iter() {
                     read_upto = row.id;
                     let start = row.arrival_ms.div_euclid(len) * len;
-                    if start + len <= emitted_through {
+                    if start + len <= emitted_through
+                        || emitting.is_some_and(|e| e.is_past(start, row.id))
+                    {
                         late.increment(1);
                         continue;
                     }
@@ -249,20 +263,31 @@ impl WindowStage {
                 open_gauge.set(open.len() as f64);
             }
 
-            // 2. Emit the windows that have closed (only once caught up: rows committed
-            // meanwhile are read first).
+            // 2. Emit the oldest closed window, a piece at a time. A window starts its emission
+            // only once the stage has caught up (rows committed meanwhile are read first); the
+            // rows it holds are fixed then, and the pieces after the first need no catching up.
             let now = now_ms();
             // By the wall clock (windows are spans of arrival time), or, if the wall clock was
             // stepped back, by the monotonic time since the window's first row was read.
             let span = Duration::from_millis((len + lateness) as u64);
-            let closable: Vec<i64> = open
-                .iter()
-                .take_while(|(start, w)| {
-                    *start + len + lateness <= now || w.opened.elapsed() >= span
-                })
-                .map(|(start, _)| *start)
-                .collect();
-            if !closable.is_empty() && committed.borrow().last_id <= read_upto {
+            let next = match emitting {
+                // Carrying on (after a restart, once every row it held is read again).
+                Some(e) => (read_upto >= e.upto_id).then_some(e),
+                None => open
+                    .iter()
+                    .next()
+                    .filter(|(start, w)| {
+                        *start + len + lateness <= now || w.opened.elapsed() >= span
+                    })
+                    .filter(|_| committed.borrow().last_id <= read_upto)
+                    .map(|(start, _)| Emitting {
+                        start_ms: *start,
+                        upto_id: read_upto,
+                        groups_done: 0,
+                    }),
+            };
+            if let Some(e) = next {
+                let start = e.start_ms;
                 let closing = Closing {
                     rule: &rule,
                     label: &label,
@@ -271,19 +296,32 @@ impl WindowStage {
                     incomplete_before,
                     incomplete: &incomplete,
                 };
-                let windows = closable.iter().map(|s| (*s, &open[s].groups));
-                let records = closing.rows(windows, payload_bytes);
+                // A window with no rows left to rebuild it from (`drop_oldest` removed them, or
+                // a changed rule reads none) ends with no more rows.
+                let total = open.get(&start).map_or(0, |w| w.groups.len());
+                let from = (e.groups_done as usize).min(total);
+                let to = (from + EMIT_PIECE).min(total);
+                let records = match open.get(&start) {
+                    Some(w) => closing.rows(start, &w.groups, from..to, payload_bytes),
+                    None => Vec::new(),
+                };
                 payload_bytes = records.iter().map(|r| r.payload.len()).sum();
-                if let Some(last) = closable.last() {
-                    sizes = open[last].groups.sizes();
-                }
-                let through = closable.last().expect("not empty") + len;
-                let remaining_min = open
-                    .iter()
-                    .filter(|(s, _)| !closable.contains(s))
-                    .map(|(_, w)| w.min_id)
-                    .min();
-                let new_position = remaining_min.map_or(read_upto, |m| m - 1).max(position);
+                let whole = to == total;
+                let (new_position, through, after) = if whole {
+                    let remaining_min = open
+                        .iter()
+                        .filter(|(s, _)| **s != start)
+                        .map(|(_, w)| w.min_id)
+                        .min();
+                    let p = remaining_min.map_or(read_upto, |m| m - 1).max(position);
+                    (p, start + len, None)
+                } else {
+                    let e = Emitting {
+                        groups_done: to as u64,
+                        ..e
+                    };
+                    (position, emitted_through, Some(e))
+                };
                 let (tx, rx) = oneshot::channel();
                 let env = Envelope {
                     records: Ok(records),
@@ -294,6 +332,7 @@ impl WindowStage {
                         slot: state.slot,
                         position: new_position,
                         emitted_through_ms: through,
+                        emitting: after,
                     }),
                 };
                 if ingest.send(env).await.is_err() {
@@ -301,20 +340,26 @@ impl WindowStage {
                 }
                 match rx.await {
                     Ok(Outcome::Committed) => {
-                        for start in &closable {
-                            open.remove(start);
+                        if !whole {
+                            crate::failpoint::hit("window.between-pieces");
                         }
-                        // A minute's groups and rows, freed at once: give the pages back
-                        // rather than let the next minute's allocations land beside them.
-                        crate::memory::release_freed();
-                        emitted.increment(closable.len() as u64);
-                        position = new_position;
-                        emitted_through = through;
-                        open_gauge.set(open.len() as f64);
+                        emitting = after;
+                        if whole {
+                            if let Some(w) = open.remove(&start) {
+                                sizes = w.groups.sizes();
+                            }
+                            // A minute's groups and rows, freed at once: give the pages back
+                            // rather than let the next minute's allocations land beside them.
+                            crate::memory::release_freed();
+                            emitted.increment(1);
+                            position = new_position;
+                            emitted_through = through;
+                            open_gauge.set(open.len() as f64);
+                        }
                         backoff = Duration::from_millis(100);
                     }
                     other => {
-                        warn!(stream = %label, outcome = ?other, "window stage: the closed windows were not stored; retrying");
+                        warn!(stream = %label, outcome = ?other, "window stage: a closed window's rows were not stored; retrying");
                         pause(&mut shutdown, backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
@@ -430,6 +475,113 @@ mod tests {
             committed: b.committed.clone(),
             shutdown,
         }
+    }
+
+    /// Sends one row per device (all before waiting for their commits), in this order.
+    async fn publish_each(router: &Router, b: &Buffer, devices: impl Iterator<Item = String>) {
+        let mut acks = Vec::new();
+        for device in devices {
+            let (tx, rx) = oneshot::channel();
+            let env = crate::ingress::admit(
+                router,
+                format!("s/{device}").as_bytes(),
+                &Bytes::from_static(b"{\"v\":1}"),
+                Some(&device),
+                Ack::new(move |o| {
+                    let _ = tx.send(o);
+                }),
+            );
+            b.ingest.send(env).await.unwrap();
+            acks.push(rx);
+        }
+        for rx in acks {
+            assert_eq!(rx.await.unwrap(), Outcome::Committed);
+        }
+    }
+
+    async fn wait_for_rows(b: &Buffer, stream: usize, n: usize) -> Vec<serde_json::Value> {
+        for _ in 0..10_000 {
+            let rows = emitted(b, stream);
+            if rows.len() >= n {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{n} rows never came: {}", emitted(b, stream).len());
+    }
+
+    /// A window of 2,500 groups goes out in pieces of [`EMIT_PIECE`] rows, each group once, and
+    /// the stage's state in the file says no window is part way through afterwards.
+    #[tokio::test(start_paused = true)]
+    async fn a_large_window_is_emitted_in_pieces_each_group_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let b = buffer::open(&cfg).unwrap();
+        let router = Router::new(cfg.streams.clone(), cfg.ingress.limits);
+        publish_each(&router, &b, (0..2_500).map(|i| format!("d{i:04}"))).await;
+        let inputs_upto = b.committed.borrow().last_id;
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let task = tokio::spawn(stage(&cfg, &b, shutdown).run());
+        let daily = b.windows[0].stream;
+        tokio::time::sleep(Duration::from_secs(86_500)).await;
+        let rows = wait_for_rows(&b, daily, 2_500).await;
+        let devices: std::collections::BTreeSet<_> =
+            rows.iter().map(|r| r["device"].as_str().unwrap()).collect();
+        assert_eq!((rows.len(), devices.len()), (2_500, 2_500));
+        trigger.begin();
+        task.await.unwrap();
+        let conn = store::open_reader(&b.path).unwrap();
+        let (through, emitting) = store::window_progress(&conn, &b.windows[0].name).unwrap();
+        assert_eq!(emitting, None);
+        assert!(through > 0);
+        // Three pieces, so three transactions; each flushes a block of its own.
+        let blocks: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM seg_1 WHERE first_id > ?1",
+                [inputs_upto],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(blocks, 3);
+    }
+
+    /// A stage restarted part way through a window (as after a kill -9 between two pieces)
+    /// rebuilds it from the same rows and emits only the groups not yet emitted; a row of that
+    /// window committed after it closed is late, not a new group.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_part_way_through_carries_on_after_the_groups_already_emitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let b = buffer::open(&cfg).unwrap();
+        let router = Router::new(cfg.streams.clone(), cfg.ingress.limits);
+        publish_each(&router, &b, (0..2_500).map(|i| format!("d{i:04}"))).await;
+        let upto_id = b.committed.borrow().last_id;
+        // Committed after the window closed: late.
+        publish(&router, &b, "latecomer", &[5]).await;
+        let day = 86_400_000;
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let mut stage = stage(&cfg, &b, shutdown);
+        stage.state.emitting = Some(Emitting {
+            start_ms: now_ms().div_euclid(day) * day,
+            upto_id,
+            groups_done: 1_000,
+        });
+        let task = tokio::spawn(stage.run());
+        let daily = b.windows[0].stream;
+        let rows = wait_for_rows(&b, daily, 1_500).await;
+        let devices: Vec<_> = rows.iter().map(|r| r["device"].as_str().unwrap()).collect();
+        let expected: Vec<_> = (1_000..2_500).map(|i| format!("d{i:04}")).collect();
+        assert_eq!(devices, expected);
+        // Nothing more comes, the late row included.
+        tokio::time::sleep(Duration::from_secs(90_000)).await;
+        assert_eq!(emitted(&b, daily).len(), 1_500);
+        trigger.begin();
+        task.await.unwrap();
+        let conn = store::open_reader(&b.path).unwrap();
+        assert_eq!(
+            store::window_progress(&conn, &b.windows[0].name).unwrap().1,
+            None
+        );
     }
 
     /// A day-long window is emitted a day after its first row by the monotonic clock (here
