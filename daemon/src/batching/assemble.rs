@@ -569,7 +569,7 @@ mod tests {
             seg.records += 1;
             if id % 10 == 0 || id == n {
                 let block = w.finish().unwrap().unwrap();
-                store::insert_block(&conn, &store::insert_block_sql(1), &block).unwrap();
+                store::insert_block(&conn, &store::insert_block_sql(&seg), &block).unwrap();
             }
         }
         store::update_segment(&conn, &seg).unwrap();

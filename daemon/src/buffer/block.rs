@@ -1,5 +1,7 @@
 //! Blocks: how a segment stores records. One row of a segment table holds a run of records with
-//! consecutive ids, encoded together and compressed with zstd.
+//! consecutive ids, encoded together and compressed with zstd. The buffer writer puts each
+//! stream's records in blocks of their own ([`StreamBlocks`]), so that a destination reads only
+//! its streams' blocks.
 //!
 //! Why: on an SD card every stored byte is written at least twice (WAL, then checkpoint), and
 //! every commit rewrites whole pages. Telemetry from one fleet repeats itself (the same JSON
@@ -36,31 +38,43 @@ pub const MAX_RAW: usize = (1 << 20) + (256 << 20) + (64 << 10);
 /// writer's thread is the gateway's busiest.
 const LEVEL: i32 = 1;
 
-/// Accumulates records into one block and compresses it.
-pub struct BlockWriter {
-    raw: Vec<u8>,
-    first_id: i64,
-    last_id: i64,
+/// One block's records in their raw form, before they are numbered: a block's ids are implied
+/// (consecutive from its `first_id`), so the writer may give them when the block is written.
+#[derive(Default)]
+struct Raw {
+    buf: Vec<u8>,
+    records: u64,
     prev_arrival: i64,
+}
+
+impl Raw {
+    fn push(&mut self, stream: i64, arrival_ms: i64, key: &str, payload: &[u8]) {
+        if self.buf.is_empty() {
+            self.prev_arrival = 0;
+        }
+        self.records += 1;
+        put_varint(&mut self.buf, stream as u64);
+        put_varint(
+            &mut self.buf,
+            zigzag(arrival_ms.wrapping_sub(self.prev_arrival)),
+        );
+        self.prev_arrival = arrival_ms;
+        put_varint(&mut self.buf, key.len() as u64);
+        self.buf.extend_from_slice(key.as_bytes());
+        put_varint(&mut self.buf, payload.len() as u64);
+        self.buf.extend_from_slice(payload);
+    }
+}
+
+/// Compresses raw blocks (one zstd context for all of a writer's blocks).
+struct Packer {
     compressor: zstd::bulk::Compressor<'static>,
     compressed: Vec<u8>,
 }
 
-/// A finished block, borrowed from its writer until the next record.
-pub struct Block<'a> {
-    pub first_id: i64,
-    pub last_id: i64,
-    pub codec: Codec,
-    pub body: &'a [u8],
-}
-
-impl BlockWriter {
-    pub fn new() -> io::Result<Self> {
+impl Packer {
+    fn new() -> io::Result<Self> {
         Ok(Self {
-            raw: Vec::new(),
-            first_id: 0,
-            last_id: 0,
-            prev_arrival: 0,
             compressor: {
                 let mut c = zstd::bulk::Compressor::new(LEVEL)?;
                 // 4 bytes per block: a flipped bit on the card is detected, not decoded.
@@ -71,67 +85,157 @@ impl BlockWriter {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.raw.is_empty()
+    /// Compresses `raw` (left empty) into the body, which stays until the next pack.
+    fn pack(&mut self, raw: &mut Vec<u8>) -> io::Result<(Codec, &[u8])> {
+        let bound = zstd::zstd_safe::compress_bound(raw.len());
+        self.compressed.clear();
+        self.compressed.reserve(bound);
+        self.compressor
+            .compress_to_buffer(&raw[..], &mut self.compressed)?;
+        let codec = if self.compressed.len() < raw.len() + 4 {
+            Codec::Zstd
+        } else {
+            // `compressed` holds the body until the next pack either way.
+            let crc = crc32fast::hash(raw);
+            std::mem::swap(raw, &mut self.compressed);
+            self.compressed.extend_from_slice(&crc.to_le_bytes());
+            Codec::StoredCrc
+        };
+        raw.clear();
+        Ok((codec, &self.compressed))
+    }
+}
+
+/// Accumulates records into one block and compresses it.
+pub struct BlockWriter {
+    raw: Raw,
+    first_id: i64,
+    last_id: i64,
+    packer: Packer,
+}
+
+/// A finished block, borrowed from its writer until the next record.
+pub struct Block<'a> {
+    pub first_id: i64,
+    pub last_id: i64,
+    pub codec: Codec,
+    /// The one stream all its records belong to, if they do.
+    pub stream: Option<i64>,
+    pub body: &'a [u8],
+}
+
+impl BlockWriter {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            raw: Raw::default(),
+            first_id: 0,
+            last_id: 0,
+            packer: Packer::new()?,
+        })
     }
 
-    /// Bytes of the raw form so far.
-    pub fn raw_len(&self) -> usize {
-        self.raw.len()
+    pub fn is_empty(&self) -> bool {
+        self.raw.buf.is_empty()
     }
 
     /// Appends the record with id `id`, which must follow the previous one.
     pub fn push(&mut self, id: i64, stream: i64, arrival_ms: i64, key: &str, payload: &[u8]) {
-        if self.raw.is_empty() {
+        if self.raw.buf.is_empty() {
             self.first_id = id;
-            self.prev_arrival = 0;
         } else {
             debug_assert_eq!(id, self.last_id + 1, "ids in a block are consecutive");
         }
         self.last_id = id;
-        put_varint(&mut self.raw, stream as u64);
-        put_varint(
-            &mut self.raw,
-            zigzag(arrival_ms.wrapping_sub(self.prev_arrival)),
-        );
-        self.prev_arrival = arrival_ms;
-        put_varint(&mut self.raw, key.len() as u64);
-        self.raw.extend_from_slice(key.as_bytes());
-        put_varint(&mut self.raw, payload.len() as u64);
-        self.raw.extend_from_slice(payload);
+        self.raw.push(stream, arrival_ms, key, payload);
     }
 
     /// Compresses what was pushed and starts a new block. None when nothing was pushed.
     pub fn finish(&mut self) -> io::Result<Option<Block<'_>>> {
-        if self.raw.is_empty() {
+        if self.raw.buf.is_empty() {
             return Ok(None);
         }
-        let bound = zstd::zstd_safe::compress_bound(self.raw.len());
-        self.compressed.clear();
-        self.compressed.reserve(bound);
-        self.compressor
-            .compress_to_buffer(&self.raw[..], &mut self.compressed)?;
-        let codec = if self.compressed.len() < self.raw.len() + 4 {
-            Codec::Zstd
-        } else {
-            // `compressed` holds the body until the next finish either way.
-            let crc = crc32fast::hash(&self.raw);
-            std::mem::swap(&mut self.raw, &mut self.compressed);
-            self.compressed.extend_from_slice(&crc.to_le_bytes());
-            Codec::StoredCrc
-        };
-        self.raw.clear();
+        self.raw.records = 0;
+        let (codec, body) = self.packer.pack(&mut self.raw.buf)?;
         Ok(Some(Block {
             first_id: self.first_id,
             last_id: self.last_id,
             codec,
-            body: &self.compressed,
+            stream: None,
+            body,
+        }))
+    }
+}
+
+/// The buffer writer's open blocks: one per stream, so that each block holds one stream's
+/// records and a destination reads (and decompresses) only the blocks of its own streams.
+/// A block's records are numbered when it is written ([`StreamBlocks::finish`]): the ids of
+/// one transaction go to its blocks in the order they are written, each block's consecutive.
+pub struct StreamBlocks {
+    /// By stream (config order): its records not yet written, and its id in the file.
+    open: Vec<(Raw, i64)>,
+    packer: Packer,
+}
+
+impl StreamBlocks {
+    /// `stream_ids`: each config stream's id in the file.
+    pub fn new(stream_ids: &[i64]) -> io::Result<Self> {
+        Ok(Self {
+            open: stream_ids.iter().map(|&id| (Raw::default(), id)).collect(),
+            packer: Packer::new()?,
+        })
+    }
+
+    /// Appends a record to stream `stream`'s (config index) open block.
+    pub fn push(&mut self, stream: usize, arrival_ms: i64, key: &str, payload: &[u8]) {
+        let (raw, id) = &mut self.open[stream];
+        raw.push(*id, arrival_ms, key, payload);
+    }
+
+    /// Bytes of stream `stream`'s open block so far.
+    pub fn raw_len(&self, stream: usize) -> usize {
+        self.open[stream].0.buf.len()
+    }
+
+    /// Records in all open blocks.
+    pub fn records(&self) -> u64 {
+        self.open.iter().map(|(r, _)| r.records).sum()
+    }
+
+    /// The streams whose open blocks hold records.
+    pub fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        self.open
+            .iter()
+            .enumerate()
+            .filter(|(_, (r, _))| r.records > 0)
+            .map(|(s, _)| s)
+    }
+
+    /// Numbers stream `stream`'s open block from `first_id`, compresses it and starts a new
+    /// one. None when it holds nothing.
+    pub fn finish(&mut self, stream: usize, first_id: i64) -> io::Result<Option<Block<'_>>> {
+        let (raw, id) = &mut self.open[stream];
+        if raw.records == 0 {
+            return Ok(None);
+        }
+        let last_id = first_id + raw.records as i64 - 1;
+        let stream_id = *id;
+        raw.records = 0;
+        let (codec, body) = self.packer.pack(&mut raw.buf)?;
+        Ok(Some(Block {
+            first_id,
+            last_id,
+            codec,
+            stream: Some(stream_id),
+            body,
         }))
     }
 
     /// Forgets what was pushed (the transaction holding it rolled back).
     pub fn clear(&mut self) {
-        self.raw.clear();
+        for (raw, _) in &mut self.open {
+            raw.buf.clear();
+            raw.records = 0;
+        }
     }
 }
 

@@ -310,8 +310,135 @@ mod tests {
         use store::SegmentFormat::*;
         assert_eq!(
             formats,
-            [(1, 1, 1, Rows), (2, 2, 2, Rows), (3, 3, 3, Blocks)]
+            [(1, 1, 1, Rows), (2, 2, 2, Rows), (3, 3, 3, StreamBlocks)]
         );
+    }
+
+    /// Each commit's records go in as one block per stream, each block's ids consecutive and
+    /// its stream in a column of its own (which readers select by); a reader of one stream
+    /// gets its records in arrival order.
+    #[tokio::test]
+    async fn each_streams_records_go_in_blocks_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "");
+        let b = open(&cfg).unwrap();
+        let log: Log = Default::default();
+        // One message routed to both streams, then one to each, interleaved.
+        let mut records = vec![vec![record(0, 0, 3), record(1, 0, 4)]];
+        for n in 1..200 {
+            records.push(vec![record(n % 2, n, 3 + n % 5)]);
+        }
+        for (n, r) in records.into_iter().enumerate() {
+            b.ingest.send(envelope(&log, n, Ok(r))).await.unwrap();
+        }
+        let mut committed = b.committed.clone();
+        committed.wait_for(|c| c.last_id == 201).await.unwrap();
+        assert_eq!(log.lock().unwrap().len(), 200);
+        let ids = b.stream_ids.clone();
+        close(b);
+        let reader = store::open_reader(&cfg.buffer.path).unwrap();
+        let blocks: Vec<(i64, i64, Option<i64>)> = reader
+            .prepare("SELECT first_id, last_id, stream FROM seg_1 ORDER BY first_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut next = 1;
+        for &(first, last, stream) in &blocks {
+            assert_eq!(first, next, "{blocks:?}");
+            next = last + 1;
+            // Which streams the block's records belong to, read by the records themselves.
+            let count = |s: i64| {
+                let mut n = 0;
+                let mut r = block::BlockReader::new().unwrap();
+                let (codec, body): (i64, Vec<u8>) = reader
+                    .query_row(
+                        "SELECT codec, body FROM seg_1 WHERE first_id = ?1",
+                        [first],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .unwrap();
+                let flow = r.visit(first, codec, &body, |d| {
+                    n += usize::from(d.stream == s);
+                    std::ops::ControlFlow::Continue(())
+                });
+                assert!(flow.unwrap().is_continue());
+                n
+            };
+            let size = (last - first + 1) as usize;
+            let stream = stream.unwrap();
+            assert_eq!(count(stream), size, "{blocks:?}");
+        }
+        assert_eq!(next, 202);
+        assert!(blocks.len() >= 2);
+        for (stream, want) in [(ids[0], 0), (ids[1], 1)] {
+            let mut arrivals = Vec::new();
+            store::scan(&reader, &[stream], 0, None, |r| {
+                arrivals.push(r.arrival_ms);
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+            let expected: Vec<i64> = (0..200).filter(|n| n % 2 == want || *n == 0).collect();
+            assert_eq!(arrivals, expected, "stream {stream}");
+        }
+    }
+
+    /// The active segment of a buffer whose blocks mix streams (the format before) is read to
+    /// its end; new records go to a segment of per-stream blocks.
+    #[tokio::test]
+    async fn a_buffer_of_mixed_blocks_is_read_and_appended_in_per_stream_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "");
+        {
+            let conn =
+                store::open_writer(&cfg.buffer.path, crate::config::Synchronous::Full).unwrap();
+            conn.execute_batch(
+                "INSERT INTO streams(id, name) VALUES (1, 'a'), (2, 'b');
+                 CREATE TABLE seg_1 (first_id INTEGER PRIMARY KEY, last_id INTEGER NOT NULL,
+                   codec INTEGER NOT NULL, body BLOB NOT NULL);
+                 INSERT INTO segments VALUES (1, 1, 0, 0, 1);",
+            )
+            .unwrap();
+            let seg = store::segments(&conn).unwrap()[0];
+            assert_eq!(seg.format, store::SegmentFormat::Blocks);
+            let mut w = block::BlockWriter::new().unwrap();
+            w.push(1, 1, 1, "k", b"a1");
+            w.push(2, 2, 2, "k", b"b2");
+            w.push(3, 1, 3, "k", b"a3");
+            let block = w.finish().unwrap().unwrap();
+            store::insert_block(&conn, &store::insert_block_sql(&seg), &block).unwrap();
+        }
+        let b = open(&cfg).unwrap();
+        let log: Log = Default::default();
+        b.ingest
+            .send(envelope(
+                &log,
+                0,
+                Ok(vec![record(0, 4, 2), record(1, 5, 2)]),
+            ))
+            .await
+            .unwrap();
+        let mut committed = b.committed.clone();
+        committed.wait_for(|c| c.last_id == 5).await.unwrap();
+        close(b);
+        let reader = store::open_reader(&cfg.buffer.path).unwrap();
+        for (stream, want) in [(1, vec![1, 3, 4]), (2, vec![2, 5])] {
+            let mut ids = Vec::new();
+            store::scan(&reader, &[stream], 0, None, |r| {
+                ids.push(r.id);
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+            assert_eq!(ids, want, "stream {stream}");
+        }
+        let formats: Vec<_> = store::segments_exact(&reader)
+            .unwrap()
+            .iter()
+            .map(|s| (s.seq, s.first_id, s.last_id, s.format))
+            .collect();
+        use store::SegmentFormat::*;
+        assert_eq!(formats, [(1, 1, 3, Blocks), (2, 4, 5, StreamBlocks)]);
     }
 
     #[tokio::test]

@@ -8,8 +8,10 @@
 //! per-row work (and page rewrites) that deleting rows would cost.
 //!
 //! A segment's rows are blocks of records (see [`super::block`]): `(first_id, last_id, codec,
-//! body)`, one or more per commit. Segments written by versions before blocks hold one row per
-//! record (`SegmentFormat::Rows`); they are read to their end and never appended to.
+//! stream, body)`, one or more per stream and commit; a reader selects its streams' blocks by
+//! the `stream` column. Segments written by earlier versions hold one row per record
+//! (`SegmentFormat::Rows`) or blocks mixing streams (`SegmentFormat::Blocks`); they are read to
+//! their end and never appended to.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -305,6 +307,28 @@ pub enum SegmentFormat {
     Rows = 0,
     /// Blocks of consecutive records, compressed.
     Blocks = 1,
+    /// Blocks as above, each with the one stream its records belong to in a column of its own
+    /// (NULL: any stream), so that a reader skips other streams' blocks without reading them.
+    StreamBlocks = 2,
+}
+
+impl SegmentFormat {
+    fn from_column(v: i64) -> Self {
+        match v {
+            0 => Self::Rows,
+            2 => Self::StreamBlocks,
+            // 1, and any later format an older writer would also have taken for blocks.
+            _ => Self::Blocks,
+        }
+    }
+
+    /// The column of a segment's table holding the last id of each row.
+    fn last_id_column(self) -> &'static str {
+        match self {
+            Self::Rows => "id",
+            Self::Blocks | Self::StreamBlocks => "last_id",
+        }
+    }
 }
 
 /// One segment: the records with ids `first_id..=last_id` (none yet when `last_id < first_id`).
@@ -341,11 +365,7 @@ pub fn segments(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
             first_id: r.get(1)?,
             last_id: r.get(2)?,
             records: r.get(3)?,
-            format: if r.get::<_, i64>(4)? == SegmentFormat::Rows as i64 {
-                SegmentFormat::Rows
-            } else {
-                SegmentFormat::Blocks
-            },
+            format: SegmentFormat::from_column(r.get(4)?),
         })
     })?;
     rows.collect()
@@ -355,10 +375,7 @@ pub fn segments(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
 pub fn segments_exact(conn: &Connection) -> rusqlite::Result<Vec<Segment>> {
     let mut all = segments(conn)?;
     if let Some(active) = all.last_mut() {
-        let column = match active.format {
-            SegmentFormat::Rows => "id",
-            SegmentFormat::Blocks => "last_id",
-        };
+        let column = active.format.last_id_column();
         let last: Option<i64> = conn.query_row(
             &format!("SELECT max({column}) FROM {}", active.table()),
             [],
@@ -377,6 +394,7 @@ pub fn create_segment(conn: &Connection, seq: i64, first_id: i64) -> rusqlite::R
             first_id INTEGER PRIMARY KEY,
             last_id  INTEGER NOT NULL,
             codec    INTEGER NOT NULL,
+            stream   INTEGER,
             body     BLOB    NOT NULL
         )",
         table(seq)
@@ -384,33 +402,45 @@ pub fn create_segment(conn: &Connection, seq: i64, first_id: i64) -> rusqlite::R
     conn.execute(
         "INSERT INTO segments(seq, first_id, last_id, records, format)
          VALUES (?1, ?2, ?3, 0, ?4)",
-        params![seq, first_id, first_id - 1, SegmentFormat::Blocks as i64],
+        params![
+            seq,
+            first_id,
+            first_id - 1,
+            SegmentFormat::StreamBlocks as i64
+        ],
     )?;
     Ok(Segment {
         seq,
         first_id,
         last_id: first_id - 1,
         records: 0,
-        format: SegmentFormat::Blocks,
+        format: SegmentFormat::StreamBlocks,
     })
 }
 
 /// The statement that appends a block to a segment (for `prepare_cached`).
-pub fn insert_block_sql(seq: i64) -> String {
-    format!(
-        "INSERT INTO {}(first_id, last_id, codec, body) VALUES (?1, ?2, ?3, ?4)",
-        table(seq)
-    )
+pub fn insert_block_sql(segment: &Segment) -> String {
+    match segment.format {
+        SegmentFormat::StreamBlocks => format!(
+            "INSERT INTO {}(first_id, last_id, codec, body, stream) VALUES (?1, ?2, ?3, ?4, ?5)",
+            segment.table()
+        ),
+        _ => format!(
+            "INSERT INTO {}(first_id, last_id, codec, body) VALUES (?1, ?2, ?3, ?4)",
+            segment.table()
+        ),
+    }
 }
 
 /// Appends a block to a segment of the block format.
 pub fn insert_block(conn: &Connection, sql: &str, block: &Block<'_>) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute(params![
-        block.first_id,
-        block.last_id,
-        block.codec as i64,
-        block.body
-    ])?;
+    let mut stmt = conn.prepare_cached(sql)?;
+    let (first, last, codec) = (block.first_id, block.last_id, block.codec as i64);
+    if stmt.parameter_count() == 5 {
+        stmt.execute(params![first, last, codec, block.body, block.stream])?;
+    } else {
+        stmt.execute(params![first, last, codec, block.body])?;
+    }
     Ok(())
 }
 
@@ -471,7 +501,7 @@ pub fn scan(
         }
         let flow = match seg.format {
             SegmentFormat::Rows => scan_rows(&tx, &seg, &list, after, until, &mut n, &mut visit)?,
-            SegmentFormat::Blocks => {
+            SegmentFormat::Blocks | SegmentFormat::StreamBlocks => {
                 let reader = match &mut blocks {
                     Some(r) => r,
                     None => blocks.insert(BlockReader::new().map_err(io_error)?),
@@ -638,9 +668,17 @@ fn scan_blocks(
             .query_row(params![after.saturating_add(1)], |r| r.get(0))?;
         let start = start.unwrap_or(i64::MIN);
         next = next.max(start);
+        // Other streams' blocks are passed over by their stream column, unread.
+        let only = match seg.format {
+            SegmentFormat::StreamBlocks => {
+                let list = streams.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+                format!("AND (stream IS NULL OR stream IN ({}))", list.join(","))
+            }
+            _ => String::new(),
+        };
         let mut stmt = tx.prepare_cached(&format!(
             "SELECT first_id, last_id, codec, body FROM {}
-             WHERE first_id >= ?1 AND first_id <= ?2 ORDER BY first_id",
+             WHERE first_id >= ?1 AND first_id <= ?2 {only} ORDER BY first_id",
             seg.table()
         ))?;
         let mut rows = stmt.query(params![start, until])?;
@@ -866,7 +904,7 @@ mod tests {
                     id += 1;
                 }
                 let block = w.finish().unwrap().unwrap();
-                insert_block(&conn, &insert_block_sql(seq), &block).unwrap();
+                insert_block(&conn, &insert_block_sql(&seg), &block).unwrap();
             }
             update_segment(&conn, &seg).unwrap();
         }
@@ -901,7 +939,9 @@ mod tests {
         // and segments_exact reads its real extent.
         w.push(13, 0, 130, "k", b"1");
         let block = w.finish().unwrap().unwrap();
-        insert_block(&conn, &insert_block_sql(3), &block).unwrap();
+        let active = segments(&conn).unwrap()[1];
+        assert_eq!(active.seq, 3);
+        insert_block(&conn, &insert_block_sql(&active), &block).unwrap();
         assert_eq!(pending(&conn, &[0, 1], 12).unwrap().0, 1);
         let exact = segments_exact(&conn).unwrap();
         assert_eq!((exact[1].last_id, exact[1].records), (13, 5));
@@ -923,7 +963,7 @@ mod tests {
             }
             let block = w.finish().unwrap().unwrap();
             assert_eq!(block.codec, super::super::block::Codec::Zstd);
-            insert_block(&conn, &insert_block_sql(1), &block).unwrap();
+            insert_block(&conn, &insert_block_sql(&seg), &block).unwrap();
         }
         seg.last_id = 30;
         seg.records = 30;
@@ -966,7 +1006,7 @@ mod tests {
                 let id = i as i64 + 1;
                 w.push(id, 1, id, "k", p);
                 let block = w.finish().unwrap().unwrap();
-                insert_block(&conn, &insert_block_sql(1), &block).unwrap();
+                insert_block(&conn, &insert_block_sql(&seg), &block).unwrap();
                 seg.last_id = id;
                 seg.records += 1;
             }

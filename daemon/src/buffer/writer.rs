@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::block::BlockWriter;
+use super::block::StreamBlocks;
 use super::store::{self, Segment, SegmentFormat};
 use super::BufferError;
 use crate::config::{BufferConfig, WhenFull};
@@ -95,8 +95,9 @@ pub struct Writer {
     active_bytes: u64,
     /// The INSERT statement for the active segment.
     insert_sql: String,
-    /// The records of the open transaction not yet inserted: they go in as one block.
-    block: BlockWriter,
+    /// The records of the open transaction not yet inserted: they go in as a block per stream,
+    /// numbered as each block is inserted.
+    block: StreamBlocks,
     linger: Linger,
     segment_max_bytes: u64,
     /// Bytes of the file in use, measured after the last commit.
@@ -130,8 +131,8 @@ impl Writer {
             c.payload_bytes = vec![0; streams];
         });
         let mut w = Self {
-            insert_sql: store::insert_block_sql(segments.back().expect("created above").seq),
-            block: BlockWriter::new()?,
+            insert_sql: store::insert_block_sql(segments.back().expect("created above")),
+            block: StreamBlocks::new(&stream_ids)?,
             linger: Linger::new(config.commit_linger_records),
             bytes: store::used_bytes(&conn)?,
             conn,
@@ -145,8 +146,9 @@ impl Writer {
             health,
             health_state: None,
         };
-        // A buffer written by an earlier version: new records go to a segment of blocks.
-        if w.active().format != SegmentFormat::Blocks {
+        // A buffer written by an earlier version: new records go to a segment of blocks that
+        // say their stream.
+        if w.active().format != SegmentFormat::StreamBlocks {
             w.execute_in_transaction(|w| w.rotate())?;
         }
         // What every destination already has may be dropped now.
@@ -423,7 +425,7 @@ impl Writer {
                 }
                 count += self.admit(next, &mut g)?;
             }
-            self.flush_block()?;
+            self.flush_blocks()?;
             // The active segment's row is not touched here (that would rewrite its page at every
             // commit); it is written when the segment closes and recomputed at start.
             if crate::failpoint::fails("buffer.commit") {
@@ -538,25 +540,17 @@ impl Writer {
         }
         let n = records.len();
         for r in &records {
-            if self.active().records >= SEGMENT_MAX_RECORDS
+            // The records not yet inserted take their ids in the active segment.
+            if self.active().records + self.block.records() >= SEGMENT_MAX_RECORDS
                 || self.active_bytes >= self.segment_max_bytes
             {
                 self.rotate()?;
             }
-            let id = self.active().last_id + 1;
-            self.block.push(
-                id,
-                self.stream_ids[r.stream],
-                r.arrival_ms,
-                &r.partition_key,
-                &r.payload,
-            );
-            if self.block.raw_len() >= BLOCK_MAX_RAW {
-                self.flush_block()?;
+            self.block
+                .push(r.stream, r.arrival_ms, &r.partition_key, &r.payload);
+            if self.block.raw_len(r.stream) >= BLOCK_MAX_RAW {
+                self.flush_stream(r.stream)?;
             }
-            let active = self.active();
-            active.last_id = id;
-            active.records += 1;
             self.active_bytes += r.accounted_bytes();
             g.added_records[r.stream] += 1;
             g.added_bytes[r.stream] += r.payload.len() as u64;
@@ -585,27 +579,46 @@ impl Writer {
             return Ok(true);
         }
         // Near the bound: insert what is pending so the file's pages count it exactly.
-        self.flush_block()?;
+        self.flush_blocks()?;
         self.bytes = store::used_bytes(&self.conn)?;
         g.txn_bytes = 0;
         Ok(self.bytes + need <= limit)
     }
 
-    /// Inserts the records pushed so far as one block of the active segment.
-    fn flush_block(&mut self) -> Result<(), BufferError> {
-        if let Some(block) = self.block.finish()? {
-            store::insert_block(&self.conn, &self.insert_sql, &block)?;
+    /// Inserts the records pushed so far, a block per stream, into the active segment.
+    fn flush_blocks(&mut self) -> Result<(), BufferError> {
+        loop {
+            let Some(stream) = self.block.pending().next() else {
+                return Ok(());
+            };
+            self.flush_stream(stream)?;
         }
+    }
+
+    /// Inserts stream `stream`'s records pushed so far as the active segment's next block,
+    /// numbered from the segment's next id.
+    fn flush_stream(&mut self, stream: usize) -> Result<(), BufferError> {
+        let first_id = self.active().last_id + 1;
+        let last_id = match self.block.finish(stream, first_id)? {
+            Some(block) => {
+                store::insert_block(&self.conn, &self.insert_sql, &block)?;
+                block.last_id
+            }
+            None => return Ok(()),
+        };
+        let active = self.active();
+        active.records += (last_id - first_id + 1) as u64;
+        active.last_id = last_id;
         Ok(())
     }
 
     /// Closes the active segment and starts the next (inside the open transaction).
     fn rotate(&mut self) -> Result<(), BufferError> {
-        self.flush_block()?;
+        self.flush_blocks()?;
         let active = *self.active();
         store::update_segment(&self.conn, &active)?;
         let next = store::create_segment(&self.conn, active.seq + 1, active.last_id + 1)?;
-        self.insert_sql = store::insert_block_sql(next.seq);
+        self.insert_sql = store::insert_block_sql(&next);
         self.segments.push_back(next);
         self.active_bytes = 0;
         Ok(())
