@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::buffer::block::{BlockReader, BlockWriter, Codec as BlockCodec};
+use crate::buffer::block::{BlockReader, BlockWriter, Codec as BlockCodec, StreamBlocks};
 use crate::ingress::frontdoor::codec::{detect, Codec, CodecError, In};
 use crate::ingress::frontdoor::filter_index::FilterIndex;
 use crate::sinks::kpl;
@@ -235,7 +235,7 @@ pub fn templates(data: &[u8]) {
 
 /// Reading a block back from the disk: any body, under any codec, decodes into records or an
 /// error, allocating at most the limit fixed before reading. And records written by
-/// [`BlockWriter`] read back as they were written.
+/// [`BlockWriter`] and by the buffer writer's [`StreamBlocks`] read back as they were written.
 pub fn block(data: &[u8]) {
     let Some((&selector, body)) = data.split_first() else {
         return;
@@ -262,6 +262,48 @@ pub fn block(data: &[u8]) {
         id += 1;
         rest = tail;
     }
+
+    // The same records through the buffer writer's per-stream blocks: each stream's come back
+    // in the order pushed, numbered from where its block was placed.
+    let mut streams = StreamBlocks::new(&[10, 11, 12]).expect("zstd compressor");
+    for (_, stream, arrival, key, payload) in &expected {
+        streams.push(*stream as usize, *arrival, key, payload);
+    }
+    assert_eq!(streams.records(), expected.len() as u64);
+    let mut next = 1;
+    for s in 0..3i64 {
+        let want: Vec<_> = expected
+            .iter()
+            .filter(|e| e.1 == s)
+            .enumerate()
+            .map(|(i, e)| (next + i as i64, 10 + s, e.2, e.3.clone(), e.4.clone()))
+            .collect();
+        let Some(block) = streams.finish(s as usize, next).expect("compress") else {
+            assert!(want.is_empty());
+            continue;
+        };
+        let last = next + want.len() as i64 - 1;
+        assert_eq!((block.first_id, block.last_id), (next, last));
+        assert_eq!(block.stream, Some(10 + s));
+        let (codec, body) = (block.codec as i64, block.body.to_vec());
+        let mut got = Vec::new();
+        let _ = reader
+            .visit(next, codec, &body, |r| {
+                got.push((
+                    r.id,
+                    r.stream,
+                    r.arrival_ms,
+                    r.partition_key.to_string(),
+                    r.payload.to_vec(),
+                ));
+                ControlFlow::Continue(())
+            })
+            .expect("a block just written reads back");
+        assert_eq!(got, want);
+        next = last + 1;
+    }
+    assert_eq!(streams.records(), 0);
+
     let Some(block) = writer.finish().expect("compress") else {
         assert!(expected.is_empty());
         return;

@@ -83,9 +83,15 @@ pub struct Envelope {
     pub ack: Ack,
     /// From the window stage: its position and emitted windows, committed in the same
     /// transaction as the records (the closed windows' rows), so that a window is emitted
-    /// exactly once whatever crashes.
-    pub window: Option<WindowCommit>,
+    /// exactly once whatever crashes. Boxed: a device's envelope waiting in its connection's
+    /// task or the ingest channel carries one pointer for it, not the whole progress.
+    pub window: Option<Box<WindowCommit>>,
 }
+
+/// An envelope's size: every connection's task may hold one while the ingest channel is full,
+/// and the channel holds up to its capacity of them; 10,000 devices notice each extra word.
+pub const ENVELOPE_SIZE: usize = std::mem::size_of::<Envelope>();
+const _: () = assert!(ENVELOPE_SIZE <= 48, "keep device envelopes small");
 
 impl Envelope {
     pub fn new(records: Result<Vec<NewRecord>, Reject>, ack: Ack) -> Self {

@@ -328,12 +328,12 @@ impl WindowStage {
                     ack: Ack::new(move |o| {
                         let _ = tx.send(o);
                     }),
-                    window: Some(WindowCommit {
+                    window: Some(Box::new(WindowCommit {
                         slot: state.slot,
                         position: new_position,
                         emitted_through_ms: through,
                         emitting: after,
-                    }),
+                    })),
                 };
                 if ingest.send(env).await.is_err() {
                     break;
