@@ -286,20 +286,7 @@ pub fn block(data: &[u8]) {
         assert_eq!((block.first_id, block.last_id), (next, last));
         assert_eq!(block.stream, Some(10 + s));
         let (codec, body) = (block.codec as i64, block.body.to_vec());
-        let mut got = Vec::new();
-        let _ = reader
-            .visit(next, codec, &body, |r| {
-                got.push((
-                    r.id,
-                    r.stream,
-                    r.arrival_ms,
-                    r.partition_key.to_string(),
-                    r.payload.to_vec(),
-                ));
-                ControlFlow::Continue(())
-            })
-            .expect("a block just written reads back");
-        assert_eq!(got, want);
+        assert_eq!(read_back(&mut reader, next, codec, &body), want);
         next = last + 1;
     }
     assert_eq!(streams.records(), 0);
@@ -316,9 +303,19 @@ pub fn block(data: &[u8]) {
         BlockCodec::Stored as i64,
         "every block is checksummed"
     );
+    assert_eq!(read_back(&mut reader, 1_000, codec, &body), expected);
+}
+
+/// A block just written, decoded: (id, stream, arrival, partition key, payload) per record.
+fn read_back(
+    reader: &mut BlockReader,
+    first_id: i64,
+    codec: i64,
+    body: &[u8],
+) -> Vec<(i64, i64, i64, String, Vec<u8>)> {
     let mut got = Vec::new();
     let _ = reader
-        .visit(1_000, codec, &body, |r| {
+        .visit(first_id, codec, body, |r| {
             got.push((
                 r.id,
                 r.stream,
@@ -329,7 +326,7 @@ pub fn block(data: &[u8]) {
             ControlFlow::Continue(())
         })
         .expect("a block just written reads back");
-    assert_eq!(got, expected);
+    got
 }
 
 /// KPL aggregation: records cut from the input aggregate into a record whose size the
