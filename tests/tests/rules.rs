@@ -381,6 +381,11 @@ destinations = ["raw"]
     setup.env = vec![("EDGEHOSE_FAILPOINT", "window.between-pieces".into())];
     gw.env = setup.env.clone();
     gw.spawn().unwrap();
+    // The window closes up to its length plus the lateness after the load began.
+    wait_until(Duration::from_secs(90), "the failpoint's abort", || {
+        gw.log().contains("failpoint window.between-pieces")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
     let status = gw.terminate_wait().unwrap();
     assert!(!status.success());
     assert!(
