@@ -739,7 +739,8 @@ def main_tls(a):
     shutil.rmtree(pki, ignore_errors=True)
     p, t = summary([x[0] for x in plain]), summary([x[0] for x in tls])
     m = machine()
-    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, {m['date']}; median [min-max] of {runs} run(s)\n")
+    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, {m['date']}; daemon {EDGEHOSE}; "
+          f"median [min-max] of {runs} run(s)\n")
     rows = [
         ("QoS 1 ingest, 100 clients, plain TCP", fmt(p, " msg/s"), ""),
         ("  over mutual TLS (TLS 1.3, ECDSA P-256)", fmt(t, " msg/s"),
@@ -791,6 +792,25 @@ root = "{out}"
 bucket = "aggregates"
 buffer_interval = "{interval}"
 """
+
+def raw_copies(n):
+    """n streams routing every reading by topic alone (no SQL), each to a `file` destination of
+    its own: what storing and delivering a record costs, without any rule."""
+    out = ""
+    for i in range(n):
+        out += f"""
+[streams.copy{i}]
+topics = ["sensors/+/telemetry"]
+partition_key = "${{{{topic(2)}}}}"
+destinations = ["copy{i}"]
+[destinations.copy{i}]
+type = "file"
+root = "{{out}}"
+bucket = "copy{i}"
+buffer_interval = "{{interval}}"
+"""
+    return out
+
 
 # Raw readings and their one-minute per-device aggregates, each to a destination of its own.
 RAW_AND_MINUTES = """

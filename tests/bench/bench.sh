@@ -4,7 +4,7 @@
 # tests/bench/bench.py, which prints every figure of BENCHMARKS.md's main table with the
 # rumqttd and mosquitto baselines measured in the same run.
 #   tests/bench/bench.sh [--runs 3] [--json] [--quick] [--tls | --rules | --frugal]
-# --frugal and --rules measure the daemon as it ships on a gateway: the `dist` profile
+# --frugal, --rules and --tls measure the daemon as it ships on a gateway: the `dist` profile
 # (size-optimised, LTO), built here too (a few more minutes); its memory figures include the
 # binary's code.
 set -euo pipefail
@@ -24,7 +24,7 @@ if [[ " $* " == *" --quick "* ]]; then
     export BENCH_BIN=target/debug
 else
     cargo build --locked --release -j2 -p edgehose -p firmware-sim -p edgehose-tests --bins >&2
-    if [[ " $* " == *" --frugal "* || " $* " == *" --rules "* ]]; then
+    if [[ " $* " == *" --frugal "* || " $* " == *" --rules "* || " $* " == *" --tls "* ]]; then
         cargo build --locked --profile dist -j2 -p edgehose >&2
         export BENCH_EDGEHOSE=target/dist/edgehose
     fi
